@@ -1,0 +1,221 @@
+"""The layer-streamed conversion engine that every layout's conversion runs through.
+
+    for each decoder layer l:
+        read l's tensors → statistics on l's calibration inputs → rewrite →
+        run the *converted* layer on the inputs to get layer l+1's inputs → write l's tensors
+
+Peak memory is one decoder layer plus the calibration activations, whatever the model's size.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+import rehead
+from rehead import architectures, text
+from rehead.checkpoint import CheckpointReader, ShardWriter, atomic_output, check_output, copy_side_files, read_config
+from rehead.errors import ReheadError
+from rehead.heads import LAYER_RE
+from rehead.sources import Source, resolve
+
+from .options import DTYPES, ConvertOptions
+
+log = logging.getLogger("rehead.convert")
+
+
+@dataclass
+class Calibration:
+    """One layer's calibration inputs (n_seq, seq_len, d_model) and the means to run a layer on them."""
+
+    hidden: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    micro_batch: int = 4
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, hooks: dict | None = None) -> torch.Tensor:
+        """Runs ``layer`` over every sequence; ``hooks`` maps submodules to forward hooks(module, args, output)."""
+        handles = [module.register_forward_hook(hook) for module, hook in (hooks or {}).items()]
+        try:
+            outputs = []
+            for start in range(0, len(self.hidden), self.micro_batch):
+                batch = self.hidden[start : start + self.micro_batch]
+                cos, sin = (t[: len(batch)] for t in self.position_embeddings)
+                outputs.append(layer(batch, attention_mask=None, position_embeddings=(cos, sin)))
+            return torch.cat(outputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@dataclass
+class LayerInput:
+    """What a rewriter gets for layer ``index``: its tensors (names relative to the layer) and, when
+    it asked for calibration, the source layer ready to run and its calibration inputs."""
+
+    index: int
+    tensors: dict[str, torch.Tensor]
+    source_layer: nn.Module | None = None
+    calibration: Calibration | None = None
+
+
+class Rewriter:
+    """A layout's conversion. Subclasses set the class attributes and override the hooks they need."""
+
+    layout = ""
+    needs_calibration = False
+    layout_files: list[Path] = []
+
+    def __init__(self, options: ConvertOptions):
+        self.options = options
+        self.source_config: dict = {}
+
+    def setup(self, source_config: dict) -> None:
+        """Checks the options against the source; raises ReheadError before anything is written."""
+        self.source_config = source_config
+
+    def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def layer_module(self, index: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """The converted decoder layer, for producing the next layer's calibration inputs."""
+        raise NotImplementedError
+
+    def target_config(self) -> dict:
+        raise NotImplementedError
+
+    def plan(self) -> dict:
+        """What the conversion decided, for rehead.json."""
+        return {}
+
+
+def load_layer(module: nn.Module, tensors: dict[str, torch.Tensor], device: str) -> nn.Module:
+    """Loads ``tensors`` into ``module`` in float32 on ``device``; a missing o_proj bias (Qwen2) is zero."""
+    state = {name: t.float() for name, t in tensors.items()}
+    if "self_attn.o_proj.bias" not in state and module.self_attn.o_proj.bias is not None:
+        state["self_attn.o_proj.bias"] = torch.zeros_like(module.self_attn.o_proj.bias, dtype=torch.float32)
+    module.load_state_dict(state, strict=True)
+    return module.float().to(device).eval()
+
+
+def source_layer(llama_config, index: int, tensors: dict[str, torch.Tensor], device: str) -> nn.Module:
+    return load_layer(LlamaDecoderLayer(llama_config, index), tensors, device)
+
+
+def output_dtype(options: ConvertOptions, config: dict) -> torch.dtype:
+    name = DTYPES.get(options.dtype) or config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def load_tokenizer(options: ConvertOptions, source: Source):
+    where = resolve(options.tokenizer).path if options.tokenizer else source.path
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, TypeError) as e:
+        log.debug("no tokenizer in %s: %s", where, e)
+        return None
+
+
+def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewriter) -> Path:
+    out = Path(out).expanduser()
+    source = resolve(source_spec, options.revision, options.allow_pickle)
+    if out.resolve() == source.path.resolve():
+        raise ReheadError(f"{out}: the output folder is the source; choose another one")
+    config = read_config(source.path)
+    architectures.check_source(config, source_spec)
+    rewriter.setup(config)
+    check_output(out, options.overwrite)
+    reader = CheckpointReader(source.path, options.allow_pickle)
+    dtype = output_dtype(options, config)
+    device = options.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReheadError(f"--device {device}: CUDA is not available here; use --device cpu")
+
+    tokenizer = load_tokenizer(options, source)
+    calib_ids = None
+    if tokenizer is None:
+        if rewriter.needs_calibration:
+            raise ReheadError(
+                f"{source_spec}: no tokenizer, and this conversion calibrates on text; pass --tokenizer "
+                "with a checkpoint or Hub id that has the same tokenizer"
+            )
+        log.warning("%s has no tokenizer: the output will have none either (add one before using it)", source_spec)
+    elif rewriter.needs_calibration:
+        calib_ids = text.blocks(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len)
+
+    layer_names: dict[int, list[str]] = {}
+    other_names = []
+    for name in reader.names():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some old checkpoints stored; transformers recomputes it
+        match = LAYER_RE.match(name)
+        (layer_names.setdefault(int(match.group(1)), []) if match else other_names).append(name)
+    n_layers = config["num_hidden_layers"]
+    if sorted(layer_names) != list(range(n_layers)):
+        raise ReheadError(f"{source_spec}: weights hold layers {sorted(layer_names)}, config.json says {n_layers}")
+
+    llama_config = architectures.llama_config(config)
+    llama_config._attn_implementation = "sdpa"
+    with atomic_output(out, options.overwrite) as tmp:
+        writer = ShardWriter(tmp, int(options.max_shard_gb * (1 << 30)))
+        calibration = None
+        for name in other_names:
+            tensor = reader.get(name)
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            if calib_ids is not None and name == "model.embed_tokens.weight":
+                hidden = nn.functional.embedding(calib_ids, tensor.float()).to(device)
+                positions = torch.arange(calib_ids.shape[1], device=device).expand(len(calib_ids), -1)
+                rotary = LlamaRotaryEmbedding(llama_config).to(device)
+                calibration = Calibration(hidden, rotary(hidden, positions))
+            del tensor
+
+        for index in tqdm(range(n_layers), desc=f"convert → {rewriter.layout}", unit="layer"):
+            prefix = f"model.layers.{index}."
+            tensors = {k.removeprefix(prefix): v for k, v in reader.get_many(layer_names[index]).items()}
+            layer = LayerInput(index, tensors)
+            if calibration is not None:
+                layer.source_layer = source_layer(llama_config, index, tensors, device)
+                layer.calibration = calibration
+            new = rewriter.rewrite_layer(layer)
+            if calibration is not None:
+                converted = rewriter.layer_module(index, new)
+                calibration.hidden = calibration.run(converted)
+                del converted
+            for name, tensor in new.items():
+                writer.add(prefix + name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            del layer, new, tensors
+        reader.close()
+        writer.finish()
+
+        target = rewriter.target_config()
+        target["dtype"] = str(dtype).removeprefix("torch.")
+        target.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(target, indent=2, sort_keys=True) + "\n")
+        for path in rewriter.layout_files:
+            (tmp / path.name).write_text(path.read_text())
+        copy_side_files(source.path, tmp)
+        if tokenizer is not None and not (tmp / "tokenizer_config.json").exists():
+            tokenizer.save_pretrained(tmp)  # --tokenizer: the tokenizer the user named travels with the model
+        provenance = {
+            "rehead_version": rehead.__version__,
+            "layout": rewriter.layout,
+            "source": {"id": source.id, "revision": source.revision, "files": reader.file_hashes()},
+            "options": options.model_dump(exclude={"overwrite", "device"}),
+            "calibration": None
+            if calib_ids is None
+            else {
+                "text": options.calib,
+                "tokens": calib_ids.numel(),
+                "seq_len": calib_ids.shape[1],
+                "sha256": text.ids_hash(calib_ids),
+            },
+            "plan": rewriter.plan(),
+        }
+        (tmp / "rehead.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return out

@@ -1,0 +1,167 @@
+"""``--to moh``: mixture-of-head attention from a trained checkpoint.
+
+The weights stay as they are; the conversion decides, per layer, which heads are shared
+(always on) and, for the learned router, where the router starts.
+
+Shared heads, ``--shared calibrated``: on calibration text, head i's contribution to the
+attention output at token t is c_i(t) = W_o^i · head_i(t). A token drops the routed heads its
+router does not pick, losing Σ_{dropped} ||c_i(t)||². The shared set is grown greedily, one
+head at a time, to keep the most of Σ_t Σ_i ||c_i(t)||² under the router's own choices.
+``--shared first`` takes heads 0 … S-1 (the paper's choice).
+
+Learned router: its routed logits start as a ridge fit (from the attention input x) of each
+token's standardised log-contributions, scaled by ``ROUTER_SCALE`` so that the softmax starts
+near uniform: the gates start near 1 and the top-k order is the fit's.
+"""
+
+import torch
+
+from rehead import architectures
+from rehead.errors import ReheadError
+from rehead.layouts import LAYOUTS
+from rehead.layouts.configuration_moh import MoHConfig
+from rehead.layouts.modeling_moh import MoHDecoderLayer
+
+from .engine import LayerInput, Rewriter, load_layer
+from .options import head_count
+
+ROUTER_SCALE = 0.02
+RIDGE = 1e-3
+
+
+def dropped_energy(scores: torch.Tensor, energy: torch.Tensor, shared: list[int], top_k: int) -> torch.Tensor:
+    """Σ_t of the contribution energy of the routed heads that token t's router leaves out.
+
+    scores, energy: (tokens, heads); each token keeps the top_k routed heads by score.
+    """
+    routed = [h for h in range(scores.shape[1]) if h not in shared]
+    if top_k >= len(routed):
+        return energy.new_zeros(())
+    s, e = scores[:, routed], energy[:, routed]
+    return e.sum() - e.gather(1, s.topk(top_k, dim=1).indices).sum()
+
+
+def choose_shared(scores: torch.Tensor, energy: torch.Tensor, n_shared: int, top_k: int) -> list[int]:
+    shared: list[int] = []
+    for _ in range(n_shared):
+        candidates = [h for h in range(scores.shape[1]) if h not in shared]
+        shared.append(min(candidates, key=lambda h: dropped_energy(scores, energy, shared + [h], top_k).item()))
+    return sorted(shared)
+
+
+def fit_router(inputs: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """Ridge fit W (heads, d_model) of ROUTER_SCALE · standardised log-energy from the inputs."""
+    target = energy.clamp_min(1e-12).log()
+    target = (target - target.mean(1, keepdim=True)) / target.std(1, keepdim=True).clamp_min(1e-6)
+    gram = inputs.T @ inputs
+    gram += RIDGE * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    return ROUTER_SCALE * torch.linalg.solve(gram, inputs.T @ target).T
+
+
+class MoHRewriter(Rewriter):
+    layout = "moh"
+    layout_files = LAYOUTS["moh"].files
+
+    def setup(self, source_config: dict) -> None:
+        super().setup(source_config)
+        heads = source_config["num_attention_heads"]
+        self.heads = heads
+        self.active = head_count(self.options.active_heads, heads, "--active-heads")
+        n_shared = head_count(self.options.shared_heads, heads, "--shared-heads")
+        if not 1 <= self.active <= heads:
+            raise ReheadError(f"--active-heads {self.active}: the model has {heads} heads per layer; give 1 to {heads}")
+        if n_shared >= self.active:
+            raise ReheadError(
+                f"--shared-heads {n_shared}: must be fewer than --active-heads {self.active} "
+                "(the active heads that are not shared are routed)"
+            )
+        self.n_shared = n_shared
+        self.routing = self.active < heads
+        self.llama = architectures.llama_config(source_config)
+        self.shared: list[list[int]] = []
+        self.kept: list[float] = []
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.routing and (self.options.shared == "calibrated" or self.options.router == "learned")
+
+    def config(self, shared: list[list[int]]) -> MoHConfig:
+        values = self.llama.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", "dtype"):
+            values.pop(key, None)
+        layers = self.llama.num_hidden_layers
+        config = MoHConfig(
+            **values,
+            moh_active_heads=self.active,
+            moh_shared_heads=shared + [[] for _ in range(layers - len(shared))],
+            moh_router=self.options.router,
+        )
+        config._attn_implementation = "sdpa"
+        return config
+
+    def statistics(self, layer: LayerInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per calibration token: attention inputs x, query norms and contribution energies per head."""
+        attn = layer.source_layer.self_attn
+        head_dim, inputs, norms, energies = attn.head_dim, [], [], []
+
+        def on_query(module, args, output):
+            inputs.append(args[0].flatten(0, 1))
+            norms.append(output.flatten(0, 1).unflatten(-1, (-1, head_dim)).norm(dim=-1))
+
+        def on_output(module, args, output):
+            heads = args[0].flatten(0, 1).unflatten(-1, (-1, head_dim))  # (N, H, d)
+            weight = module.weight.unflatten(1, (-1, head_dim))  # (D, H, d)
+            energies.append(torch.stack([(heads[:, h] @ weight[:, h].T).pow(2).sum(-1) for h in range(heads.shape[1])], 1))
+
+        layer.calibration.run(layer.source_layer, {attn.q_proj: on_query, attn.o_proj: on_output})
+        return torch.cat(inputs), torch.cat(norms), torch.cat(energies)
+
+    def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
+        tensors = dict(layer.tensors)
+        hidden = self.llama.hidden_size
+        if architectures.missing_bias(self.source_config):
+            tensors["self_attn.o_proj.bias"] = torch.zeros(hidden, dtype=tensors["self_attn.q_proj.bias"].dtype)
+        top_k = self.active - self.n_shared
+        learned = self.options.router == "learned"
+        routers = {}
+        if self.needs_calibration:
+            inputs, norms, energy = self.statistics(layer)
+            scores = energy if learned else norms  # the learned router is fitted to the energies next
+            if self.options.shared == "calibrated":
+                shared = choose_shared(scores, energy, self.n_shared, top_k)
+            else:
+                shared = list(range(self.n_shared))
+            self.kept.append(1 - (dropped_energy(scores, energy, shared, top_k) / energy.sum()).item())
+            if learned:
+                routed = [h for h in range(self.heads) if h not in shared]
+                routers["router_routed"] = fit_router(inputs, energy[:, routed])
+        else:
+            shared = list(range(self.n_shared))
+        if learned and self.routing:
+            routers.setdefault("router_routed", torch.zeros(self.heads - len(shared), hidden))
+            if shared:
+                routers["router_shared"] = torch.zeros(len(shared), hidden)
+                routers["router_mix"] = torch.zeros(2, hidden)
+        tensors.update({f"self_attn.{name}.weight": w.cpu() for name, w in routers.items()})
+        self.shared.append(shared)
+        return tensors
+
+    def layer_module(self, index: int, tensors: dict[str, torch.Tensor]):
+        layer = MoHDecoderLayer(self.config(self.shared), index)
+        return load_layer(layer, tensors, self.options.device)
+
+    def target_config(self) -> dict:
+        config = self.config(self.shared).to_dict()
+        config["architectures"] = [LAYOUTS["moh"].model_class.__name__]
+        config["auto_map"] = LAYOUTS["moh"].auto_map
+        return config
+
+    def plan(self) -> dict:
+        return {
+            "heads": self.heads,
+            "active_heads": self.active,
+            "shared_heads": self.n_shared,
+            "router": self.options.router,
+            "shared_per_layer": self.shared,
+            "kept_energy_per_layer": [round(k, 5) for k in self.kept] or None,
+        }

@@ -1,0 +1,12 @@
+"""rehead: rewrite the attention heads of a trained LLaMA-family checkpoint.
+
+Importing rehead registers its layouts with transformers' Auto classes, so a
+converted checkpoint loads without ``trust_remote_code`` wherever rehead is
+installed.
+"""
+
+__version__ = "0.1.0"
+
+from rehead.layouts import register_auto_classes as _register
+
+_register()

@@ -1,0 +1,5 @@
+import sys
+
+from rehead.cli import main
+
+sys.exit(main())

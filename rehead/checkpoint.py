@@ -1,0 +1,270 @@
+"""Checkpoint I/O: lazy shard-at-a-time reading, streamed sharded writing, atomic output folders."""
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from rehead.errors import ReheadError
+
+SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+PICKLE_INDEX, PICKLE_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+EXTRA_FILES = ("generation_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ReheadError(f"{folder}: no config.json; a checkpoint folder needs one (is this a model folder?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ReheadError(f"{path}: not valid JSON ({e})") from None
+
+
+class CheckpointReader:
+    """Reads a checkpoint's tensors lazily, one shard open at a time.
+
+    Pickled ``.bin`` weights are read only with ``allow_pickle`` and then with
+    ``torch.load(weights_only=True)``: a checkpoint never runs code on this machine.
+    """
+
+    def __init__(self, folder: Path, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.pickled = False
+        if (self.folder / SAFE_INDEX).is_file():
+            self.weight_map = self._index(SAFE_INDEX)
+        elif (self.folder / SAFE_SINGLE).is_file():
+            self.weight_map = None
+        elif (self.folder / PICKLE_INDEX).is_file() or (self.folder / PICKLE_SINGLE).is_file():
+            if not allow_pickle:
+                raise ReheadError(
+                    f"{self.folder}: weights are pickled .bin files; loading pickles can run code. "
+                    "Pass --allow-pickle to read them anyway (with torch.load(weights_only=True)), "
+                    "or convert them to safetensors first"
+                )
+            self.pickled = True
+            self.weight_map = self._index(PICKLE_INDEX) if (self.folder / PICKLE_INDEX).is_file() else None
+        else:
+            raise ReheadError(f"{self.folder}: no model.safetensors, safetensors index or pytorch_model.bin found")
+        if self.weight_map is None:
+            single = PICKLE_SINGLE if self.pickled else SAFE_SINGLE
+            self.weight_map = {name: single for name in self._shard_names(single)}
+        self.files = sorted(set(self.weight_map.values()))
+        if not self.pickled:
+            for name in self.files:
+                self._shard_names(name)  # validates every header before any work starts
+        self._open_name = None
+        self._open = None
+
+    def _index(self, index_name: str) -> dict[str, str]:
+        try:
+            weight_map = json.loads((self.folder / index_name).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ReheadError(f"{self.folder / index_name}: not a valid weight index ({e!r})") from None
+        missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
+        if missing:
+            raise ReheadError(f"{self.folder}: the index names shards that are missing: {', '.join(missing)}")
+        return weight_map
+
+    def _shard_names(self, name: str) -> list[str]:
+        path = self.folder / name
+        if self.pickled:
+            return list(self._load_pickle(path))
+        try:
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise ReheadError(
+                f"{path}: not a readable safetensors file ({e}); the file is truncated or corrupt, download it again"
+            ) from None
+
+    @staticmethod
+    def _load_pickle(path: Path) -> dict:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ReheadError(f"{path}: could not be read as weights-only torch pickle ({e})") from None
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the shard headers (no tensor data is read)."""
+        shapes = {}
+        for name in self.files:
+            if self.pickled:
+                shapes.update({k: tuple(v.shape) for k, v in self._load_pickle(self.folder / name).items()})
+            else:
+                with safe_open(self.folder / name, framework="pt") as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        return shapes
+
+    def get(self, name: str) -> torch.Tensor:
+        shard = self.weight_map[name]
+        if shard != self._open_name:
+            self.close()
+            path = self.folder / shard
+            self._open = self._load_pickle(path) if self.pickled else safe_open(path, framework="pt")
+            self._open_name = shard
+        try:
+            return self._open[name].clone() if self.pickled else self._open.get_tensor(name)
+        except SafetensorError as e:
+            raise ReheadError(f"{self.folder / shard}: tensor {name} could not be read ({e})") from None
+
+    def get_many(self, names) -> dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in sorted(names, key=lambda n: (self.weight_map[n], n))}
+
+    def close(self) -> None:
+        self._open, self._open_name = None, None
+
+    def file_hashes(self) -> dict[str, str]:
+        return {name: sha256_file(self.folder / name) for name in ["config.json", *self.files]}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class ShardWriter:
+    """Writes tensors straight to safetensors shards as they come, so memory holds one tensor at a time.
+
+    Each shard reserves room for its header and pads the JSON with spaces (the format allows it);
+    a shard closes when it would pass ``max_shard_bytes`` or its header room. ``finish`` names
+    the shards model-0000i-of-0000n.safetensors (or model.safetensors when there is one) and
+    writes the index, as transformers does.
+    """
+
+    HEADER_ROOM = 1 << 18
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 2 << 30):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.shards: list[tuple[str, dict]] = []
+        self.total_bytes = 0
+        self._file = None
+
+    def _header(self, entries: dict) -> bytes:
+        return json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+
+    def _start(self) -> None:
+        name = f"shard-{len(self.shards):05d}.partial"
+        self._file = open(self.folder / name, "wb")
+        self._file.write(b"\0" * (8 + self.HEADER_ROOM))
+        self._entries, self._offset = {}, 0
+        self.shards.append((name, self._entries))
+
+    def _close(self) -> None:
+        header = self._header(self._entries)
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", self.HEADER_ROOM) + header + b" " * (self.HEADER_ROOM - len(header)))
+        self._file.close()
+        self._file = None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if any(name in entries for _, entries in self.shards):
+            raise ValueError(f"tensor {name} written twice")
+        tensor = tensor.detach().to("cpu").contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        entry = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape)}
+        if self._file is not None:
+            grown = self._header({**self._entries, name: {**entry, "data_offsets": [0, 0]}})
+            if self._offset + nbytes > self.max_shard_bytes or len(grown) + 64 > self.HEADER_ROOM:
+                self._close()
+        if self._file is None:
+            self._start()
+        self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {**entry, "data_offsets": [self._offset, self._offset + nbytes]}
+        self._offset += nbytes
+        self.total_bytes += nbytes
+
+    def finish(self) -> list[str]:
+        if self._file is not None:
+            self._close()
+        count = len(self.shards)
+        names = [SAFE_SINGLE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        weight_map = {}
+        for (partial, entries), final in zip(self.shards, names):
+            os.replace(self.folder / partial, self.folder / final)
+            weight_map.update({tensor: final for tensor in entries if tensor != "__metadata__"})
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary folder beside ``out`` that becomes ``out`` only when the block succeeds.
+
+    A failure (or Ctrl-C) removes the temporary folder and leaves ``out`` as it was.
+    """
+    out = Path(out)
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ReheadError(f"{out} exists; pass --overwrite to replace it, or choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise ReheadError(f"{out} exists and is not a folder; remove it or choose another output folder")
+
+
+def copy_side_files(source: Path, target: Path) -> list[str]:
+    """Copies the tokenizer, generation config and licence files; returns the tokenizer files copied."""
+    copied = []
+    for name in TOKENIZER_FILES + EXTRA_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return [name for name in copied if name in TOKENIZER_FILES]

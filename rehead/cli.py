@@ -1,0 +1,138 @@
+"""The ``rehead`` command line: the one place that knows every stage."""
+
+import argparse
+import json
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from rehead.errors import ReheadError
+
+log = logging.getLogger("rehead")
+
+
+def _head_value(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count (7) or a fraction of the heads (0.75)") from None
+
+
+def _options_error(error: ValidationError) -> ReheadError:
+    parts = []
+    for item in error.errors():
+        flag = "--" + "-".join(str(p) for p in item["loc"]).replace("_", "-")
+        parts.append(f"{flag} {item.get('input')!r}: {item['msg']}")
+    return ReheadError("; ".join(parts))
+
+
+def cmd_inspect(args) -> int:
+    from rehead.inspect import describe, format_text
+    from rehead.sources import resolve
+
+    info = describe(resolve(args.src, args.revision, args.allow_pickle).path, args.allow_pickle)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from rehead.convert import convert
+    from rehead.convert.options import ConvertOptions
+
+    values = {k: v for k, v in vars(args).items() if k not in ("src", "out", "func", "command", "verbose")}
+    try:
+        options = ConvertOptions(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as e:
+        raise _options_error(e) from None
+    out = convert(args.src, args.out, options)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from rehead import metrics, models, text
+
+    rows = []
+    for spec in args.models:
+        model, tokenizer, _ = models.load(spec, args.dtype, args.device)
+        if tokenizer is None:
+            raise ReheadError(f"{spec}: has no tokenizer; perplexity needs one")
+        blocks = text.blocks(tokenizer, args.text, args.tokens, args.seq_len)
+        rows.append((spec, metrics.perplexity(model, blocks, args.batch_size)))
+        del model
+    width = max(len(spec) for spec, _ in rows)
+    print(f"held-out perplexity on {args.text!r}, {args.tokens} tokens in blocks of {args.seq_len}")
+    base = rows[0][1]
+    for spec, ppl in rows:
+        print(f"  {spec:<{width}}  {ppl:10.3f}  ×{ppl / base:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rehead", description="Rewrite a trained LLaMA-family checkpoint's attention into MoH, DHA or GDA heads."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def source_args(p):
+        p.add_argument("--revision", help="hub revision of SRC (branch, tag or commit)")
+        p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)")
+
+    p = sub.add_parser("inspect", help="show a checkpoint's attention layout, heads and KV-cache size")
+    p.add_argument("src", help="built-in name (smollm2-135m, smollm2-135m-mha), local folder or hub id")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    source_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint's attention into another head layout")
+    p.add_argument("src", help="built-in name (smollm2-135m, smollm2-135m-mha), local folder or hub id")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--to", required=True, choices=["mha", "moh"], help="target layout")
+    g = p.add_argument_group("MoH")
+    g.add_argument("--active-heads", type=_head_value, help="heads per token: a count or a fraction (default 0.75)")
+    g.add_argument("--shared-heads", type=_head_value, help="always-on heads: a count or a fraction (default 0.5)")
+    g.add_argument("--router", choices=["query-norm", "learned"], help="router (default query-norm)")
+    g.add_argument("--shared", choices=["calibrated", "first"], help="which heads are shared (default calibrated)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", help="text: built-in name, files, or datasets id (default shakespeare)")
+    g.add_argument("--calib-tokens", type=int, help="calibration tokens (default 8192)")
+    g.add_argument("--calib-seq-len", type=int, help="calibration sequence length (default 512)")
+    g = p.add_argument_group("input and output")
+    source_args(g)
+    g.add_argument("--tokenizer", help="take the tokenizer from this checkpoint or hub id")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="output dtype (default: the source's)")
+    g.add_argument("--device", help="where calibration runs: cpu, cuda, cuda:1 (default cpu)")
+    g.add_argument("--max-shard-gb", type=float, help="largest output shard in GiB (default 2)")
+    g.add_argument("--overwrite", action="store_true", default=None, help="replace OUT if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("perplexity", help="held-out perplexity of one or more models on the same text")
+    p.add_argument("models", nargs="+", help="models (the first is the reference for the ratio column)")
+    p.add_argument("--text", default="shakespeare-heldout", help="text spec (default shakespeare-heldout)")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens scored (default 16384)")
+    p.add_argument("--seq-len", type=int, default=512, help="block length (default 512)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_perplexity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except ReheadError as e:
+        print(f"rehead {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rehead {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

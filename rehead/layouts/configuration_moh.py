@@ -1,0 +1,56 @@
+"""Configuration of the MoH layout (Jin et al. 2024, "MoH: Multi-Head Attention as Mixture-of-Head Attention").
+
+This file travels inside converted checkpoints: it imports only transformers.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+ROUTERS = ("query-norm", "learned")
+
+
+@strict
+class MoHConfig(LlamaConfig):
+    r"""A LLaMA configuration whose attention routes each token to a subset of its heads.
+
+    moh_active_heads: heads each token uses, shared heads included.
+    moh_shared_heads: per layer, the indices of the always-on heads; every other head is routed.
+    moh_router: "query-norm" (parameter-free: a routed head's logit is the norm of its query,
+        divided by the std across routed heads; 0/1 gates with a straight-through softmax
+        gradient) or "learned" (the paper's two-stage router with a load-balance loss).
+    moh_aux_loss_coef: β of the load-balance loss β·E·Σ_i P_i f_i (learned router only).
+    """
+
+    model_type = "rehead_moh"
+
+    moh_active_heads: int | None = None
+    moh_shared_heads: list | None = None
+    moh_router: str = "query-norm"
+    moh_aux_loss_coef: float = 0.01
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.moh_active_heads is None:
+            self.moh_active_heads = self.num_attention_heads
+        if self.moh_shared_heads is None:
+            self.moh_shared_heads = [[] for _ in range(self.num_hidden_layers)]
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        heads = self.num_attention_heads
+        if self.moh_router not in ROUTERS:
+            raise ValueError(f"moh_router {self.moh_router!r}: must be one of {', '.join(ROUTERS)}")
+        if not 1 <= self.moh_active_heads <= heads:
+            raise ValueError(f"moh_active_heads {self.moh_active_heads}: must be in [1, {heads}]")
+        if len(self.moh_shared_heads) != self.num_hidden_layers:
+            raise ValueError(
+                f"moh_shared_heads has {len(self.moh_shared_heads)} layers, the model {self.num_hidden_layers}"
+            )
+        for layer, shared in enumerate(self.moh_shared_heads):
+            if len(set(shared)) != len(shared) or any(not 0 <= h < heads for h in shared):
+                raise ValueError(f"moh_shared_heads[{layer}] = {shared}: must be distinct heads in [0, {heads})")
+            if len(shared) > self.moh_active_heads:
+                raise ValueError(
+                    f"moh_shared_heads[{layer}] has {len(shared)} heads, more than moh_active_heads "
+                    f"{self.moh_active_heads}"
+                )

@@ -1,0 +1,192 @@
+"""MoH: Multi-Head Attention as Mixture-of-Head Attention (Jin et al. 2024, arXiv 2410.11842).
+
+The LLaMA decoder stack with one change: the attention's head outputs are gated per token
+before ``o_proj``. Shared heads are always on (gate 1 with the query-norm router); each
+token picks its top-k routed heads.
+
+    o_t = Σ_i g_i(t) · W_o^i · head_i(t)
+
+This file travels inside converted checkpoints: it imports only torch and transformers.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_moh import MoHConfig
+
+
+class MoHAttention(LlamaAttention):
+    def __init__(self, config: MoHConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        heads = config.num_attention_heads
+        self.shared_heads = sorted(config.moh_shared_heads[layer_idx])
+        self.routed_heads = [h for h in range(heads) if h not in self.shared_heads]
+        self.top_k = config.moh_active_heads - len(self.shared_heads)
+        self.router = config.moh_router
+        self.aux_loss = None
+        self._index = {}
+        if self.router == "learned" and not self.all_active:
+            # The paper's two-stage router: W_s (shared), W_r (routed), W_h (mixes the two stages).
+            self.router_routed = nn.Linear(config.hidden_size, len(self.routed_heads), bias=False)
+            if self.shared_heads:
+                self.router_shared = nn.Linear(config.hidden_size, len(self.shared_heads), bias=False)
+                self.router_mix = nn.Linear(config.hidden_size, 2, bias=False)
+
+    @property
+    def all_active(self) -> bool:
+        return self.top_k >= len(self.routed_heads)
+
+    def _heads(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._index:
+            self._index[device] = (
+                torch.tensor(self.shared_heads, dtype=torch.long, device=device),
+                torch.tensor(self.routed_heads, dtype=torch.long, device=device),
+            )
+        return self._index[device]
+
+    def gates(self, hidden_states: torch.Tensor, query_states: torch.Tensor) -> torch.Tensor:
+        """Per-token head gates, (batch, seq, heads), float32. hidden_states: (B, T, D); query_states: (B, H, T, d)."""
+        shared, routed = self._heads(hidden_states.device)
+        batch, seq = hidden_states.shape[:2]
+        gates = hidden_states.new_ones(batch, seq, self.config.num_attention_heads, dtype=torch.float32)
+        if self.router == "query-norm":
+            norms = query_states.float().norm(dim=-1).transpose(1, 2)[..., routed]
+            logits = norms / norms.std(dim=-1, keepdim=True).clamp_min(1e-6)
+            hard = torch.zeros_like(logits).scatter_(-1, logits.topk(self.top_k, dim=-1).indices, 1.0)
+            if self.training:  # straight-through: 0/1 forward, softmax gradient
+                soft = logits.softmax(dim=-1)
+                hard = hard + soft - soft.detach()
+            return gates.index_copy(-1, routed, hard)
+        # Learned router. Gates are scaled so that zero router weights give every active head gate 1
+        # (rehead's identity at conversion): shared g_i = 2α_1·S·softmax(W_s x)_i,
+        # routed g_i = 2α_2·k·renormalised top-k softmax(W_r x)_i.
+        probs = self.router_routed(hidden_states).float().softmax(dim=-1)
+        top, index = probs.topk(self.top_k, dim=-1)
+        routed_gates = torch.zeros_like(probs).scatter(-1, index, top / top.sum(dim=-1, keepdim=True))
+        routed_gates = routed_gates * self.top_k
+        if self.shared_heads:
+            mix = 2 * self.router_mix(hidden_states).float().softmax(dim=-1)
+            shared_gates = self.router_shared(hidden_states).float().softmax(dim=-1) * len(self.shared_heads)
+            gates = gates.index_copy(-1, shared, shared_gates * mix[..., :1])
+            routed_gates = routed_gates * mix[..., 1:]
+        if self.training:  # load balance β·E·Σ P_i f_i; β is applied by the model
+            chosen = torch.zeros_like(probs).scatter_(-1, index, 1.0)
+            frac = chosen.flatten(0, 1).mean(0)
+            mean_prob = probs.flatten(0, 1).mean(0)
+            self.aux_loss = len(self.routed_heads) * (frac * mean_prob).sum()
+        return gates.index_copy(-1, routed, routed_gates)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        gates = None if self.all_active else self.gates(hidden_states, query_states)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        if gates is not None:  # attn_output: (B, T, H, d)
+            attn_output = attn_output * gates.unsqueeze(-1).to(attn_output.dtype)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class MoHDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: MoHConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = MoHAttention(config, layer_idx)
+
+
+class MoHPreTrainedModel(LlamaPreTrainedModel):
+    config_class = MoHConfig
+    _no_split_modules = ["MoHDecoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MoHAttention):
+            for name in ("router_routed", "router_shared", "router_mix"):
+                if hasattr(module, name):  # zero routers: every active head starts at gate 1
+                    nn.init.zeros_(getattr(module, name).weight)
+
+
+class MoHModel(MoHPreTrainedModel, LlamaModel):
+    def __init__(self, config: MoHConfig):
+        LlamaPreTrainedModel.__init__(self, config)  # LlamaModel's own __init__ would build Llama layers
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MoHDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class MoHForCausalLM(MoHPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    def __init__(self, config: MoHConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = MoHModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def layout_loss(self) -> torch.Tensor | None:
+        """β·Σ_layers of the load-balance losses of the last training forward (learned router only)."""
+        losses = [layer.self_attn.aux_loss for layer in self.model.layers if layer.self_attn.aux_loss is not None]
+        if not losses:
+            return None
+        return self.config.moh_aux_loss_coef * torch.stack(losses).sum()
+
+    def forward(self, *args, labels=None, **kwargs):
+        for layer in self.model.layers:
+            layer.self_attn.aux_loss = None
+        outputs = super().forward(*args, labels=labels, **kwargs)
+        extra = self.layout_loss()
+        if labels is not None and extra is not None:
+            outputs.loss = outputs.loss + extra
+        return outputs
+
+
+__all__ = ["MoHForCausalLM", "MoHModel", "MoHPreTrainedModel"]
