@@ -1,0 +1,110 @@
+"""Tiny random checkpoints of every source shape, a byte-level tokenizer for them, and the real model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+
+# name -> (config class, config values); every shape the design asks the unit tests to cover
+VARIANTS = {
+    "mha": (LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=4)),
+    "gqa": (LlamaConfig, dict(num_attention_heads=6, num_key_value_heads=2)),
+    "odd": (LlamaConfig, dict(num_attention_heads=9, num_key_value_heads=3, head_dim=8)),
+    "mqa-tied": (LlamaConfig, dict(num_attention_heads=5, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)),
+    "bias": (LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True)),
+    "qwen2": (Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "mistral": (MistralConfig, dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=None)),
+}
+VOCAB = 260
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: 256 byte tokens and an EOS."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def make_checkpoint(folder: Path, variant: str = "gqa", layers: int = 2, seed: int = 0, tokenizer: bool = True) -> Path:
+    config_class, values = VARIANTS[variant]
+    values = dict(
+        vocab_size=VOCAB,
+        # with an explicit head_dim the hidden size differs from heads·head_dim
+        hidden_size=values["num_attention_heads"] * (4 if "head_dim" in values else 8),
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        max_position_embeddings=512,
+        eos_token_id=256,
+        bos_token_id=None,
+        pad_token_id=256,
+        **values,
+    )
+    values.setdefault("tie_word_embeddings", False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config_class(**values), dtype=torch.float32)
+    with torch.no_grad():  # random biases, so that a dropped or zeroed bias shows in the logits
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A factory: tiny(variant="gqa", **kw) -> the folder of a fresh tiny checkpoint."""
+    counter = iter(range(1000))
+
+    def build(variant: str = "gqa", **kwargs) -> Path:
+        return make_checkpoint(tmp_path / f"src-{variant}-{next(counter)}", variant, **kwargs)
+
+    return build
+
+
+@pytest.fixture
+def calib_file(tmp_path) -> Path:
+    """Real English text (Python's reference text) as a .txt file, enough for byte-level calibration."""
+    from pydoc_data.topics import topics
+
+    path = tmp_path / "calib.txt"
+    path.write_text("\n\n".join(topics[k] for k in sorted(topics))[:200_000])
+    return path
+
+
+def logits(folder: Path, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from rehead import builtin
+
+    return builtin.model_path("smollm2-135m")
+
+
+def save_pickled(folder: Path) -> None:
+    """Turns a safetensors checkpoint into a pytorch_model.bin one."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / "model.safetensors")
+    torch.save(tensors, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+__all__ = ["VARIANTS", "byte_tokenizer", "logits", "make_checkpoint", "read_json", "save_file", "save_pickled"]

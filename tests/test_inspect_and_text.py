@@ -1,0 +1,101 @@
+"""rehead inspect, text specs, and the perplexity command."""
+
+import json
+
+import pytest
+import torch
+from conftest import byte_tokenizer
+
+from rehead import text
+from rehead.cli import main
+from rehead.convert import convert
+from rehead.errors import ReheadError
+from rehead.inspect import describe
+
+
+def test_inspect_a_gqa_source(tiny, capsys):
+    src = tiny("odd")  # 9 heads, 3 KV heads, head_dim 8, 2 layers
+    info = describe(src)
+    assert info["layout"] == "gqa" and info["query_heads"] == 9 and info["head_dim"] == 8
+    assert info["key_heads_per_layer"] == [3, 3] and info["value_heads_per_layer"] == [3, 3]
+    assert info["kv_cache_bytes_per_token_bf16"] == 2 * (3 + 3) * 8 * 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert main(["inspect", str(src), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == info
+
+
+def test_inspect_a_moh_conversion(tiny, tmp_path, capsys):
+    out = convert(tiny("odd"), tmp_path / "moh", to="moh", active_heads=7, shared_heads=4, shared="first")
+    info = describe(out)
+    assert info["layout"] == "moh" and info["architecture"] == "MoHForCausalLM"
+    assert info["options"]["active_heads"] == 7 and info["options"]["shared_heads_per_layer"] == [[0, 1, 2, 3]] * 2
+    assert info["options"]["active_fraction"] == round(7 / 9, 4)
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "layout                moh" in printed and "active heads          7" in printed
+    assert "0,1,2,3 | 0,1,2,3" in printed and "KV cache / token      192 bytes (bf16)" in printed
+
+
+def test_mha_conversion_shows_the_larger_kv_cache(tiny, tmp_path):
+    src = tiny("odd")
+    out = convert(src, tmp_path / "mha", to="mha")
+    assert describe(out)["kv_cache_bytes_per_token_bf16"] == 3 * describe(src)["kv_cache_bytes_per_token_bf16"]
+
+
+def test_text_files_and_tables(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "b.jsonl").write_text('{"text": "second"}\n{"text": "third"}\n')
+    assert list(text.documents(str(tmp_path))) == ["first document", "second", "third"]
+    assert list(text.documents(f"{tmp_path / 'a.txt'},{tmp_path / 'a.txt'}")) == ["first document"] * 2
+
+
+def test_token_blocks_join_documents_with_eos(tmp_path):
+    (tmp_path / "a.txt").write_text("abc")
+    (tmp_path / "b.txt").write_text("de")
+    tok = byte_tokenizer()
+    ids = text.token_ids(tok, str(tmp_path), 7)
+    assert ids.tolist() == tok("abc").input_ids + [tok.eos_token_id] + tok("de").input_ids + [tok.eos_token_id]
+    blocks = text.blocks(tok, str(tmp_path), 7, 3)
+    assert blocks.shape == (2, 3) and torch.equal(blocks.flatten(), ids[:6])
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nope.csvx", "not a built-in text"),
+        ("some dataset with spaces", "not a built-in text"),
+    ],
+)
+def test_bad_text_specs(spec, message):
+    with pytest.raises(ReheadError, match=message):
+        list(text.documents(spec))
+
+
+def test_unknown_text_suffix(tmp_path):
+    (tmp_path / "x.docx").write_text("x")
+    with pytest.raises(ReheadError, match="unknown kind '.docx'"):
+        list(text.documents(str(tmp_path / "x.docx")))
+
+
+def test_missing_column(tmp_path):
+    (tmp_path / "b.jsonl").write_text('{"body": "second"}\n')
+    with pytest.raises(ReheadError, match="no column 'text'; its columns are body"):
+        list(text.documents(str(tmp_path / "b.jsonl")))
+
+
+def test_pydoc_text_is_builtin():
+    docs = list(text.documents("pydoc"))
+    assert len(docs) > 50 and any("lambda" in d for d in docs)
+
+
+def test_perplexity_command_compares_models(tiny, tmp_path, calib_file, capsys):
+    src = tiny("gqa")
+    mha = convert(src, tmp_path / "mha", to="mha")
+    code = main(["perplexity", str(src), str(mha), "--text", str(calib_file), "--tokens", "256", "--seq-len", "64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    values = [float(line.split()[1]) for line in out.splitlines()[1:]]
+    assert len(values) == 2 and values[0] == pytest.approx(values[1], rel=1e-5) and values[0] > 1
