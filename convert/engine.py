@@ -9,6 +9,7 @@ Peak memory is one decoder layer plus the calibration activations, whatever the 
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,16 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 import rehead
 from rehead import architectures, text
-from rehead.checkpoint import CheckpointReader, ShardWriter, atomic_output, check_output, copy_side_files, read_config
+from rehead.checkpoint import (
+    FLOATS,
+    STORED_DTYPES,
+    CheckpointReader,
+    ShardWriter,
+    atomic_output,
+    check_output,
+    copy_side_files,
+    read_config,
+)
 from rehead.errors import ReheadError
 from rehead.heads import LAYER_RE
 from rehead.sources import Source, resolve
@@ -95,17 +105,16 @@ class Rewriter:
         return {}
 
 
-def load_layer(module: nn.Module, tensors: dict[str, torch.Tensor], device: str) -> nn.Module:
-    """Loads ``tensors`` into ``module`` in float32 on ``device``; a missing o_proj bias (Qwen2) is zero."""
-    state = {name: t.float() for name, t in tensors.items()}
+def build_layer(layer_class: type, config, index: int, tensors: dict[str, torch.Tensor], device: str) -> nn.Module:
+    """A decoder layer holding ``tensors`` in float32 on ``device``, built without initialising random
+    weights first; a missing o_proj bias (Qwen2's LLaMA form) is zero."""
+    with torch.device("meta"):
+        module = layer_class(config, index)
+    state = {name: t.to(device=device, dtype=torch.float32) for name, t in tensors.items()}
     if "self_attn.o_proj.bias" not in state and module.self_attn.o_proj.bias is not None:
-        state["self_attn.o_proj.bias"] = torch.zeros_like(module.self_attn.o_proj.bias, dtype=torch.float32)
-    module.load_state_dict(state, strict=True)
-    return module.float().to(device).eval()
-
-
-def source_layer(llama_config, index: int, tensors: dict[str, torch.Tensor], device: str) -> nn.Module:
-    return load_layer(LlamaDecoderLayer(llama_config, index), tensors, device)
+        state["self_attn.o_proj.bias"] = torch.zeros(config.hidden_size, device=device)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
 
 
 def output_dtype(options: ConvertOptions, config: dict) -> torch.dtype:
@@ -162,25 +171,35 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
 
     llama_config = architectures.llama_config(config)
     llama_config._attn_implementation = "sdpa"
-    with atomic_output(out, options.overwrite) as tmp:
+    # the source's file hashes (for rehead.json) are computed beside the conversion: hashlib frees the GIL
+    with ThreadPoolExecutor(1) as pool, atomic_output(out, options.overwrite) as tmp:
+        hashes = pool.submit(reader.file_hashes)
         writer = ShardWriter(tmp, int(options.max_shard_gb * (1 << 30)))
+
+        def write(name: str, tensor: torch.Tensor | None, unchanged: bool) -> None:
+            """Writes a tensor; an unchanged source tensor of the output dtype is copied byte for byte."""
+            stored = reader.locate(name) if unchanged else None
+            if stored is not None and (stored.dtype == STORED_DTYPES[dtype] or stored.dtype not in FLOATS):
+                writer.add_stored(name, stored)
+                return
+            tensor = reader.get(name) if tensor is None else tensor
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+
         calibration = None
         for name in other_names:
-            tensor = reader.get(name)
-            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            write(name, None, unchanged=True)
             if calib_ids is not None and name == "model.embed_tokens.weight":
-                hidden = nn.functional.embedding(calib_ids, tensor.float()).to(device)
+                hidden = reader.get(name)[calib_ids].float().to(device)
                 positions = torch.arange(calib_ids.shape[1], device=device).expand(len(calib_ids), -1)
                 rotary = LlamaRotaryEmbedding(llama_config).to(device)
                 calibration = Calibration(hidden, rotary(hidden, positions))
-            del tensor
 
         for index in tqdm(range(n_layers), desc=f"convert → {rewriter.layout}", unit="layer"):
             prefix = f"model.layers.{index}."
             tensors = {k.removeprefix(prefix): v for k, v in reader.get_many(layer_names[index]).items()}
             layer = LayerInput(index, tensors)
             if calibration is not None:
-                layer.source_layer = source_layer(llama_config, index, tensors, device)
+                layer.source_layer = build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
                 layer.calibration = calibration
             new = rewriter.rewrite_layer(layer)
             if calibration is not None:
@@ -188,7 +207,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
                 calibration.hidden = calibration.run(converted)
                 del converted
             for name, tensor in new.items():
-                writer.add(prefix + name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                write(prefix + name, tensor, unchanged=tensor is tensors.get(name))
             del layer, new, tensors
         reader.close()
         writer.finish()
@@ -205,7 +224,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
         provenance = {
             "rehead_version": rehead.__version__,
             "layout": rewriter.layout,
-            "source": {"id": source.id, "revision": source.revision, "files": reader.file_hashes()},
+            "source": {"id": source.id, "revision": source.revision, "files": hashes.result()},
             "options": options.model_dump(exclude={"overwrite", "device"}),
             "calibration": None
             if calib_ids is None

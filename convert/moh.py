@@ -22,7 +22,7 @@ from rehead.layouts import LAYOUTS
 from rehead.layouts.configuration_moh import MoHConfig
 from rehead.layouts.modeling_moh import MoHDecoderLayer
 
-from .engine import LayerInput, Rewriter, load_layer
+from .engine import LayerInput, Rewriter, build_layer
 from .options import head_count
 
 ROUTER_SCALE = 0.02
@@ -147,8 +147,7 @@ class MoHRewriter(Rewriter):
         return tensors
 
     def layer_module(self, index: int, tensors: dict[str, torch.Tensor]):
-        layer = MoHDecoderLayer(self.config(self.shared), index)
-        return load_layer(layer, tensors, self.options.device)
+        return build_layer(MoHDecoderLayer, self.config(self.shared), index, tensors, self.options.device)
 
     def target_config(self) -> dict:
         config = self.config(self.shared).to_dict()

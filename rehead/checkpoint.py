@@ -8,6 +8,7 @@ import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,21 +125,77 @@ class CheckpointReader:
         if shard != self._open_name:
             self.close()
             path = self.folder / shard
-            self._open = self._load_pickle(path) if self.pickled else safe_open(path, framework="pt")
+            self._open = self._load_pickle(path) if self.pickled else _ShardFile(path)
             self._open_name = shard
-        try:
-            return self._open[name].clone() if self.pickled else self._open.get_tensor(name)
-        except SafetensorError as e:
-            raise ReheadError(f"{self.folder / shard}: tensor {name} could not be read ({e})") from None
+        return self._open[name].clone() if self.pickled else self._open.read(name)
+
+    def locate(self, name: str) -> "Stored | None":
+        """Where a tensor's bytes lie in its safetensors shard (None for pickled weights)."""
+        if self.pickled:
+            return None
+        path = self.folder / self.weight_map[name]
+        if self._open_name != self.weight_map[name]:
+            return _ShardFile.locate_in(path, name)
+        return self._open.locate(name)
 
     def get_many(self, names) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in sorted(names, key=lambda n: (self.weight_map[n], n))}
 
     def close(self) -> None:
+        if isinstance(self._open, _ShardFile):
+            self._open.file.close()
         self._open, self._open_name = None, None
 
     def file_hashes(self) -> dict[str, str]:
         return {name: sha256_file(self.folder / name) for name in ["config.json", *self.files]}
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor's bytes in a safetensors file."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: str  # safetensors' name: F32, BF16, ...
+    shape: list
+
+
+class _ShardFile:
+    """Reads single tensors of a safetensors file (already validated by safe_open) with plain file reads.
+
+    safe_open memory-maps the whole shard, and every page a read touches stays in the process's
+    resident set until the shard is closed: peak RSS would grow with the shard size. A plain
+    read keeps only the tensor itself in memory.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb")
+        (size,) = struct.unpack("<Q", self.file.read(8))
+        self.header = json.loads(self.file.read(size))
+        self.start = 8 + size
+
+    def locate(self, name: str) -> "Stored":
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        return Stored(Path(self.file.name), self.start + begin, end - begin, entry["dtype"], entry["shape"])
+
+    @staticmethod
+    def locate_in(path: Path, name: str) -> "Stored":
+        shard = _ShardFile(path)
+        try:
+            return shard.locate(name)
+        finally:
+            shard.file.close()
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        buffer = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled, unlike a bytearray
+        self.file.seek(self.start + begin)
+        if self.file.readinto(buffer.numpy().data) != len(buffer):
+            raise ReheadError(f"{self.file.name}: ends inside tensor {name}; the file is truncated, download it again")
+        return buffer.view(_FROM_SAFETENSORS[entry["dtype"]]).reshape(entry["shape"])
 
 
 def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
@@ -161,6 +218,9 @@ _DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_FROM_SAFETENSORS = {name: dtype for dtype, name in _DTYPES.items()}
+STORED_DTYPES = _DTYPES
+FLOATS = ("F32", "F16", "BF16", "F64")
 
 
 class ShardWriter:
@@ -199,21 +259,52 @@ class ShardWriter:
         self._file = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if any(name in entries for _, entries in self.shards):
-            raise ValueError(f"tensor {name} written twice")
         tensor = tensor.detach().to("cpu").contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         entry = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape)}
+        self._make_room(name, entry, nbytes)
+        self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._record(name, entry, nbytes)
+
+    def _make_room(self, name: str, entry: dict, nbytes: int) -> None:
+        if any(name in entries for _, entries in self.shards):
+            raise ValueError(f"tensor {name} written twice")
         if self._file is not None:
             grown = self._header({**self._entries, name: {**entry, "data_offsets": [0, 0]}})
             if self._offset + nbytes > self.max_shard_bytes or len(grown) + 64 > self.HEADER_ROOM:
                 self._close()
         if self._file is None:
             self._start()
-        self._file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+    def _record(self, name: str, entry: dict, nbytes: int) -> None:
         self._entries[name] = {**entry, "data_offsets": [self._offset, self._offset + nbytes]}
         self._offset += nbytes
         self.total_bytes += nbytes
+
+    def add_stored(self, name: str, stored: Stored) -> None:
+        """Copies a tensor byte for byte from another safetensors file, in the kernel where it can."""
+        self._make_room(name, {"dtype": stored.dtype, "shape": list(stored.shape)}, stored.nbytes)
+        self._file.flush()
+        with open(stored.path, "rb") as source:
+            copied = 0
+            try:
+                while copied < stored.nbytes:
+                    n = os.copy_file_range(source.fileno(), self._file.fileno(), stored.nbytes - copied,
+                                           stored.offset + copied)
+                    if n == 0:
+                        raise ReheadError(f"{stored.path}: ends inside tensor {name}; the file is truncated")
+                    copied += n
+            except OSError:  # a file system without copy_file_range: copy through user space
+                self._file.seek(0, os.SEEK_END)
+                source.seek(stored.offset + copied)
+                while copied < stored.nbytes:
+                    block = source.read(min(1 << 24, stored.nbytes - copied))
+                    if not block:
+                        raise ReheadError(f"{stored.path}: ends inside tensor {name}; the file is truncated") from None
+                    self._file.write(block)
+                    copied += len(block)
+        self._file.seek(0, os.SEEK_END)
+        self._record(name, {"dtype": stored.dtype, "shape": list(stored.shape)}, stored.nbytes)
 
     def finish(self) -> list[str]:
         if self._file is not None:

@@ -113,3 +113,28 @@ def test_atomic_output_refuses_without_overwrite(tmp_path):
     with pytest.raises(ReheadError, match="--overwrite"):
         with atomic_output(tmp_path / "out"):
             pass
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_stored_tensors_are_copied_byte_for_byte(tmp_path, monkeypatch, kernel_copy):
+    tensors = sample_tensors()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "src.safetensors")
+    if not kernel_copy:
+        def unsupported(*args):
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr("os.copy_file_range", unsupported)
+    from rehead.checkpoint import _ShardFile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out)
+    writer.add("first", torch.ones(3))
+    for name in tensors:
+        writer.add_stored(name, _ShardFile.locate_in(tmp_path / "src.safetensors", name))
+    writer.add("last", torch.zeros(2))
+    writer.finish()
+    loaded = load_file(out / "model.safetensors")
+    assert torch.equal(loaded["first"], torch.ones(3)) and torch.equal(loaded["last"], torch.zeros(2))
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)

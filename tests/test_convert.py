@@ -217,19 +217,19 @@ def test_failure_halfway_leaves_nothing(tiny, tmp_path, monkeypatch):
     from rehead.checkpoint import ShardWriter
 
     src, out = tiny("gqa", layers=4), tmp_path / "out"
-    original, written = ShardWriter.add, []
+    original, written = ShardWriter._record, []
 
-    def failing_add(self, name, tensor):
+    def failing_record(self, name, entry, nbytes):
         if "layers.2." in name:
             raise OSError(28, "No space left on device")
         written.append(name)
-        original(self, name, tensor)
+        original(self, name, entry, nbytes)
 
-    monkeypatch.setattr(ShardWriter, "add", failing_add)
+    monkeypatch.setattr(ShardWriter, "_record", failing_record)
     with pytest.raises(OSError, match="No space left"):
         convert(src, out, to="moh", active_heads=6, shared_heads=1)
     assert written and not out.exists() and list(tmp_path.iterdir()) == [src]
-    monkeypatch.setattr(ShardWriter, "add", original)
+    monkeypatch.setattr(ShardWriter, "_record", original)
     assert convert(src, out, to="moh", active_heads=6, shared_heads=1).is_dir()  # a re-run after the fix works
 
 
