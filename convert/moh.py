@@ -26,6 +26,9 @@ from .engine import LayerInput, Rewriter, build_layer
 from .options import head_count
 
 ROUTER_SCALE = 0.02
+# PreTrainedConfig's task and output settings: noise in a causal LM's config.json
+GENERIC_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
+                "output_attentions", "output_hidden_states", "problem_type", "return_dict")
 RIDGE = 1e-3
 
 
@@ -150,7 +153,7 @@ class MoHRewriter(Rewriter):
         return build_layer(MoHDecoderLayer, self.config(self.shared), index, tensors, self.options.device)
 
     def target_config(self) -> dict:
-        config = self.config(self.shared).to_dict()
+        config = {k: v for k, v in self.config(self.shared).to_dict().items() if k not in GENERIC_KEYS}
         config["architectures"] = [LAYOUTS["moh"].model_class.__name__]
         config["auto_map"] = LAYOUTS["moh"].auto_map
         return config

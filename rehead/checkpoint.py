@@ -199,6 +199,9 @@ class _ShardFile:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
+    blob = Path(path).resolve()
+    if blob.parent.name == "blobs" and len(blob.name) == 64 and all(c in "0123456789abcdef" for c in blob.name):
+        return blob.name  # a Hub cache names an LFS file's blob by its sha256: no need to read it
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -330,7 +333,8 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_orphans(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
@@ -342,6 +346,24 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_orphans(out: Path) -> None:
+    """Removes the temporary folders of earlier runs on ``out`` whose process is gone (killed with SIGKILL)."""
+    for folder in out.parent.glob(f".{out.name}.partial-*-*"):
+        pid = folder.name.removeprefix(f".{out.name}.partial-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -120,10 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _terminated)  # a killed run cleans up like Ctrl-C
     try:
         return args.func(args)
     except ReheadError as e:

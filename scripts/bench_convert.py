@@ -70,6 +70,17 @@ def synthetic_checkpoint(folder: Path, layers: int) -> int:
     return count
 
 
+def measure_median(cmd: list[str], repeat: int, cleanup: Path) -> dict:
+    """The median wall time and the largest peak RSS of ``repeat`` runs."""
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(cleanup, ignore_errors=True)
+        runs.append(measure(cmd))
+    shutil.rmtree(cleanup, ignore_errors=True)
+    seconds = sorted(r["seconds"] for r in runs)[len(runs) // 2]
+    return {"seconds": seconds, "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+
+
 def measure(cmd: list[str]) -> dict:
     """Wall seconds and peak RSS (MiB) of one child process.
 
@@ -96,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--calib-tokens", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each command (median time, max RSS)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)  # internal: write one checkpoint and exit
@@ -124,8 +136,8 @@ def main() -> None:
                 "from_pretrained + save_pretrained": [sys.executable, "-c", HF_ROUND_TRIP, str(src), str(work / "hf")],
             }
             for name, cmd in runs.items():
-                row[name] = measure(cmd)
-                shutil.rmtree(cmd[-1] if name.startswith("cp") else cmd[cmd.index(str(src)) + 1], ignore_errors=True)
+                out = Path(cmd[-1] if name.startswith(("cp", "from_pretrained")) else cmd[cmd.index(str(src)) + 1])
+                row[name] = measure_median(cmd, args.repeat, out)
                 print(f"{layers:>3} layers  {params / 1e9:5.2f}B  {name:<48} {row[name]}", flush=True)
             results["rows"].append(row)
             shutil.rmtree(src)

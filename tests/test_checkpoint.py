@@ -138,3 +138,25 @@ def test_stored_tensors_are_copied_byte_for_byte(tmp_path, monkeypatch, kernel_c
     assert torch.equal(loaded["first"], torch.ones(3)) and torch.equal(loaded["last"], torch.zeros(2))
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+
+
+def test_hub_cache_blobs_are_named_by_their_hash(tmp_path):
+    from rehead.checkpoint import sha256_file
+
+    (tmp_path / "blobs").mkdir()
+    name = "ab" * 32  # the Hub cache's name for an LFS blob is its sha256: it is trusted, not recomputed
+    (tmp_path / "blobs" / name).write_bytes(b"weights")
+    (tmp_path / "model.safetensors").symlink_to(tmp_path / "blobs" / name)
+    assert sha256_file(tmp_path / "model.safetensors") == name
+    (tmp_path / "plain.bin").write_bytes(b"weights")
+    assert sha256_file(tmp_path / "plain.bin") == "9a129038d9a00aed0cf6a7ea059ca50a813449061ab87848cf1a13eafdf33b2c"
+
+
+def test_orphaned_partial_folders_of_dead_runs_are_removed(tmp_path):
+    dead = tmp_path / ".out.partial-99999999-abc"  # no such process
+    alive = tmp_path / f".out.partial-{__import__('os').getpid()}-def"  # a run still going
+    dead.mkdir()
+    alive.mkdir()
+    with atomic_output(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("x")
+    assert not dead.exists() and alive.exists() and (tmp_path / "out" / "x").exists()

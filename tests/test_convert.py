@@ -260,3 +260,32 @@ def test_converted_moh_config_is_a_transformers_config(tiny, tmp_path):
     out = convert(tiny("gqa"), tmp_path / "moh", to="moh", active_heads=6, shared_heads=2)
     config = AutoConfig.from_pretrained(out)
     assert type(config).__name__ == "MoHConfig" and config.moh_active_heads == 6
+
+
+KILLED_RUN = """
+import sys, time
+from rehead.checkpoint import ShardWriter
+from rehead.cli import main
+original = ShardWriter._record
+def slow_record(self, *args):
+    original(self, *args)
+    print("writing", flush=True)
+    time.sleep(0.2)
+ShardWriter._record = slow_record
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_conversion_leaves_nothing(tiny, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    src, out = tiny("gqa", layers=4), tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, "convert", str(src), str(out), "--to", "mha"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
