@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
+from .dha import DHARewriter
 from .engine import Rewriter, convert as run
 from .mha import MHARewriter
 from .moh import MoHRewriter
 from .options import ConvertOptions
 
-REWRITERS: dict[str, type[Rewriter]] = {"mha": MHARewriter, "moh": MoHRewriter}
+REWRITERS: dict[str, type[Rewriter]] = {"mha": MHARewriter, "moh": MoHRewriter, "dha": DHARewriter}
 
 
 def convert(source: str, out: str | Path, options: ConvertOptions | None = None, **values) -> Path:

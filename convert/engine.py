@@ -90,6 +90,14 @@ class Rewriter:
         """Checks the options against the source; raises ReheadError before anything is written."""
         self.source_config = source_config
 
+    needs_planning = False
+
+    def observe_layer(self, layer: LayerInput) -> None:
+        """The planning pass (when ``needs_planning``): sees every source layer on the source's activations."""
+
+    def plan_budget(self) -> None:
+        """Called once after the planning pass, before the conversion pass."""
+
     def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -103,6 +111,9 @@ class Rewriter:
     def plan(self) -> dict:
         """What the conversion decided, for rehead.json."""
         return {}
+
+    def write_extras(self, folder: Path) -> None:
+        """Writes any files of the layout's own into the output folder."""
 
 
 def build_layer(layer_class: type, config, index: int, tensors: dict[str, torch.Tensor], device: str) -> nn.Module:
@@ -194,9 +205,24 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
                 rotary = LlamaRotaryEmbedding(llama_config).to(device)
                 calibration = Calibration(hidden, rotary(hidden, positions))
 
+        def read_layer(index: int) -> dict[str, torch.Tensor]:
+            prefix = f"model.layers.{index}."
+            return {k.removeprefix(prefix): v for k, v in reader.get_many(layer_names[index]).items()}
+
+        if rewriter.needs_planning:  # a first pass on the source's own activations
+            planning = Calibration(calibration.hidden.clone(), calibration.position_embeddings)
+            for index in tqdm(range(n_layers), desc=f"plan {rewriter.layout}", unit="layer"):
+                tensors = read_layer(index)
+                original = build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
+                rewriter.observe_layer(LayerInput(index, tensors, original, planning))
+                planning.hidden = planning.run(original)
+                del original, tensors
+            rewriter.plan_budget()
+            del planning
+
         for index in tqdm(range(n_layers), desc=f"convert → {rewriter.layout}", unit="layer"):
             prefix = f"model.layers.{index}."
-            tensors = {k.removeprefix(prefix): v for k, v in reader.get_many(layer_names[index]).items()}
+            tensors = read_layer(index)
             layer = LayerInput(index, tensors)
             if calibration is not None:
                 layer.source_layer = build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
@@ -216,6 +242,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
         target["dtype"] = str(dtype).removeprefix("torch.")
         target.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(target, indent=2, sort_keys=True) + "\n")
+        rewriter.write_extras(tmp)
         for path in rewriter.layout_files:
             (tmp / path.name).write_text(path.read_text())
         copy_side_files(source.path, tmp)

@@ -12,12 +12,20 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 class ConvertOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    to: Literal["mha", "moh"]
+    to: Literal["mha", "moh", "dha"]
     # MoH
     active_heads: float = Field(0.75, description="heads each token uses: a count, or a fraction of the heads")
     shared_heads: float = Field(0.5, description="always-on heads: a count, or a fraction of the heads")
     router: Literal["query-norm", "learned"] = "query-norm"
     shared: Literal["calibrated", "first"] = "calibrated"
+    # DHA
+    kv_budget: float | None = Field(None, description="fraction of the source's K and V heads kept, over all layers")
+    k_budget: float | None = Field(None, description="fraction of the source's key heads kept")
+    v_budget: float | None = Field(None, description="fraction of the source's value heads kept")
+    fusion: Literal["optimal", "mean"] = "optimal"
+    uniform: bool = False
+    refine_steps: int = Field(0, ge=0)
+    refine_lr: float = Field(1e-4, gt=0)
     # calibration
     calib: str = "shakespeare"
     calib_tokens: int = Field(8192, gt=0)

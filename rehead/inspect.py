@@ -55,6 +55,8 @@ def _options(config: dict, layout: str) -> dict:
             "router": config["moh_router"],
             "active_fraction": round(config["moh_active_heads"] / config["num_attention_heads"], 4),
         }
+    if layout == "dha":
+        return {"key_head_of_query": config["key_head_of_query"], "value_head_of_query": config["value_head_of_query"]}
     return {}
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .configuration_dha import DHAConfig
 from .configuration_moh import MoHConfig
+from .modeling_dha import DHAForCausalLM
 from .modeling_moh import MoHForCausalLM
 
 HERE = Path(__file__).parent
@@ -37,7 +39,10 @@ class Layout:
         }
 
 
-LAYOUTS = {layout.name: layout for layout in [Layout("moh", MoHConfig, MoHForCausalLM)]}
+LAYOUTS = {
+    layout.name: layout
+    for layout in [Layout("moh", MoHConfig, MoHForCausalLM), Layout("dha", DHAConfig, DHAForCausalLM)]
+}
 BY_MODEL_TYPE = {layout.model_type: layout for layout in LAYOUTS.values()}
 
 

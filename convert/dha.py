@@ -1,0 +1,339 @@
+"""``--to dha``: decoupled-head attention, with key heads and value heads fused separately per layer.
+
+Two streamed passes over the layers:
+1. plan: on the source's own activations, each layer's fit-error curve for keeping 1 … KV key
+   heads and 1 … KV value heads (groups merged cheapest first); the global budget then goes,
+   one head at a time, to the layer and kind (K or V) whose next merge would cost the most;
+2. convert: on the converted prefix's activations, each layer's groups are formed again at the
+   planned counts and fused in closed form (``dha_fusion``), optionally refined for a few steps
+   to match the source layer's attention output.
+
+``--uniform``: the same number of groups in every layer, shared by K and V, equal in size;
+query heads are permuted so that each group's readers are contiguous, and the result is a stock
+grouped-query checkpoint. ``--fusion mean`` averages the members' weights (Ainslie et al. 2023).
+"""
+
+import heapq
+import json
+from pathlib import Path
+
+import torch
+
+from rehead import architectures
+from rehead.errors import ReheadError
+from rehead.heads import mha_config
+from rehead.layouts import LAYOUTS
+from rehead.layouts.configuration_dha import DHAConfig
+from rehead.layouts.modeling_dha import DHADecoderLayer
+
+from .dha_fusion import LayerFusion, agglomerate, augmented, equal_groups
+from .engine import LayerInput, Rewriter, build_layer
+from .moh import GENERIC_KEYS
+
+HEATMAP_LAYERS = 3
+
+
+def allocate(curves: dict, target: int, start: int) -> dict:
+    """Removes heads one at a time where the next merge costs least until ``target`` heads remain.
+
+    curves[(layer, kind)][n] is the fit error with n heads; every entry starts at ``start`` heads.
+    """
+    counts = {key: start for key in curves}
+    heap = [(curve[start - 1] - curve[start], key) for key, curve in curves.items() if start > 1]
+    heapq.heapify(heap)
+    remaining = start * len(curves)
+    while remaining > target:
+        _, key = heapq.heappop(heap)
+        counts[key] -= 1
+        remaining -= 1
+        n = counts[key]
+        if n > 1:
+            heapq.heappush(heap, (curves[key][n - 1] - curves[key][n], key))
+    return counts
+
+
+class DHARewriter(Rewriter):
+    layout = "dha"
+
+    def setup(self, source_config: dict) -> None:
+        super().setup(source_config)
+        o = self.options
+        self.heads = source_config["num_attention_heads"]
+        self.kv = source_config.get("num_key_value_heads") or self.heads
+        self.layers = source_config["num_hidden_layers"]
+        self.reads = [i // (self.heads // self.kv) for i in range(self.heads)]
+        self.llama = architectures.llama_config(source_config)
+
+        given = {f: v for f, v in (("--kv-budget", o.kv_budget), ("--k-budget", o.k_budget), ("--v-budget", o.v_budget))
+                 if v is not None}
+        if not given:
+            raise ReheadError("--to dha needs a budget: --kv-budget F, or --k-budget F and --v-budget F")
+        if o.kv_budget is not None and len(given) > 1:
+            raise ReheadError("give either --kv-budget or --k-budget/--v-budget, not both")
+        for flag, value in given.items():
+            if not 0 < value <= 1:
+                raise ReheadError(f"{flag} {value:g}: must be in (0, 1], the fraction of the source's heads kept")
+        self.joint = o.kv_budget is not None
+        budgets = {"kv": o.kv_budget} if self.joint else {"k": o.k_budget or 1.0, "v": o.v_budget or 1.0}
+        per_kind = self.layers * self.kv
+        self.targets = {kind: round(b * per_kind * (2 if kind == "kv" else 1)) for kind, b in budgets.items()}
+        for kind, target in self.targets.items():
+            if target < self.layers * (2 if kind == "kv" else 1):
+                raise ReheadError(
+                    f"--{kind}-budget {budgets[kind]:g}: below one head per layer; the smallest budget is "
+                    f"{1 / self.kv:.4g} (1 of {self.kv} heads)"
+                )
+        self.identity = all(b == 1.0 for b in budgets.values())
+
+        self.per_layer = None  # (key heads, value heads) per layer, when the budget is uniform or planned
+        if o.uniform:
+            if not self.joint and o.k_budget != o.v_budget:
+                raise ReheadError("--uniform shares groups between K and V: give --kv-budget, or equal --k/--v budgets")
+            budget = next(iter(budgets.values()))
+            heads = budget * self.kv
+            divisors = [n for n in range(1, self.kv + 1) if self.kv % n == 0]
+            if abs(heads - round(heads)) > 0.05 or round(heads) not in divisors:
+                raise ReheadError(
+                    f"--uniform with budget {budget:g}: {heads:.3g} of {self.kv} KV heads per layer is not a whole "
+                    f"divisor of {self.kv}; budgets that divide evenly: {', '.join(f'{n / self.kv:.4g}' for n in divisors)}"
+                )
+            self.per_layer = [(round(heads), round(heads))] * self.layers
+        elif self.identity:
+            self.per_layer = [(self.kv, self.kv)] * self.layers
+
+        needed = 2 * (self.llama.hidden_size + 1)
+        if self.needs_calibration and o.calib_tokens < needed:
+            raise ReheadError(
+                f"--calib-tokens {o.calib_tokens}: DHA's statistics need at least {needed} tokens "
+                f"(twice the hidden size {self.llama.hidden_size} plus one) for this model"
+            )
+        self.curves: dict = {}
+        self.similarity: dict = {}
+        self.plan_layers: list[dict] = []
+        self.key_maps: list[list[int]] = []
+        self.value_maps: list[list[int]] = []
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.identity and not (self.options.uniform and self.options.fusion == "mean")
+
+    @property
+    def needs_planning(self) -> bool:
+        return self.needs_calibration and self.per_layer is None
+
+    @property
+    def layout_files(self) -> list[Path]:
+        return [] if self.options.uniform else LAYOUTS["dha"].files
+
+    # ---- statistics ----
+
+    def fusion(self, layer: LayerInput) -> LayerFusion:
+        t = layer.tensors
+        bias = lambda name: t.get(f"self_attn.{name}.bias")  # noqa: E731
+        q = augmented(t["self_attn.q_proj.weight"], bias("q_proj"), self.heads)
+        k = augmented(t["self_attn.k_proj.weight"], bias("k_proj"), self.kv)
+        v = augmented(t["self_attn.v_proj.weight"], bias("v_proj"), self.kv)
+        width = q.shape[2]
+        if layer.calibration is None:
+            moment = torch.eye(width, dtype=torch.float64)  # mean fusion needs no statistics
+        else:
+            sums = {"moment": torch.zeros(width, width, dtype=torch.float64), "tokens": 0}
+
+            def on_input(module, args, output):
+                x = args[0].flatten(0, 1).double()
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+                sums["moment"] += (x.T @ x).cpu()
+                sums["tokens"] += len(x)
+
+            attn = layer.source_layer.self_attn
+            layer.calibration.run(layer.source_layer, {attn.q_proj: on_input})
+            moment = sums["moment"] / sums["tokens"]
+        return LayerFusion(q, k, v, t["self_attn.o_proj.weight"], moment, self.reads)
+
+    def observe_layer(self, layer: LayerInput) -> None:
+        fusion = self.fusion(layer)
+        _, self.curves[(layer.index, "k")] = agglomerate(self.kv, fusion.key_error, 1)
+        _, self.curves[(layer.index, "v")] = agglomerate(self.kv, fusion.value_error, 1)
+        shown = sorted({0, self.layers // 2, self.layers - 1})[:HEATMAP_LAYERS]
+        if layer.index in shown:
+            self.similarity[layer.index] = {
+                kind: [[0.0 if a == b else error((min(a, b), max(a, b))) / max(energy((a, b)), 1e-30)
+                        for b in range(self.kv)] for a in range(self.kv)]
+                for kind, error, energy in (("k", fusion.key_error, fusion.key_energy),
+                                            ("v", fusion.value_error, fusion.value_energy))
+            }
+
+    def plan_budget(self) -> None:
+        if self.joint:
+            counts = allocate(self.curves, self.targets["kv"], self.kv)
+        else:
+            counts = {}
+            for kind in ("k", "v"):
+                curves = {key: c for key, c in self.curves.items() if key[1] == kind}
+                counts.update(allocate(curves, self.targets[kind], self.kv))
+        self.per_layer = [(counts[(layer, "k")], counts[(layer, "v")]) for layer in range(self.layers)]
+
+    # ---- the conversion ----
+
+    def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
+        keys, values = self.per_layer[layer.index]
+        fusion = self.fusion(layer)
+        mean = self.options.fusion == "mean"
+        if self.options.uniform:
+            size = self.kv // keys
+            if mean:
+                groups = [tuple(range(g * size, (g + 1) * size)) for g in range(keys)]
+            else:
+                groups = equal_groups(self.kv, size, lambda g: fusion.key_error(g) + fusion.value_error(g))
+            key_groups = value_groups = groups
+        else:
+            key_groups, _ = agglomerate(self.kv, fusion.key_error, keys)
+            value_groups, _ = agglomerate(self.kv, fusion.value_error, values)
+
+        fused_k, scales = zip(*(fusion.fuse_keys(g, mean) for g in key_groups))
+        fused_v, maps = zip(*(fusion.fuse_values(g, mean) for g in value_groups))
+        key_of = {j: n for n, g in enumerate(key_groups) for j in g}
+        value_of = {j: n for n, g in enumerate(value_groups) for j in g}
+        scale = {j: s for part in scales for j, s in part.items()}
+        vmap = {j: m for part in maps for j, m in part.items()}
+
+        order = list(range(self.heads))
+        if self.options.uniform:  # each group's readers contiguous: stock grouped-query attention
+            order = sorted(order, key=lambda i: (key_of[self.reads[i]], i))
+        q = torch.cat([fusion.fold_query(i, scale[self.reads[i]]) for i in order])
+        o = torch.cat([fusion.o[:, i] @ vmap[self.reads[i]].T for i in order], dim=1)
+        key_map = [key_of[self.reads[i]] for i in order]
+        value_map = [value_of[self.reads[i]] for i in order]
+
+        tensors = {k: v for k, v in layer.tensors.items() if not k.startswith("self_attn.")}
+        width = fusion.width - 1
+        tensors["self_attn.q_proj.weight"] = q[:, :width]
+        tensors["self_attn.k_proj.weight"] = torch.cat(fused_k)[:, :width]
+        tensors["self_attn.v_proj.weight"] = torch.cat(fused_v)[:, :width]
+        tensors["self_attn.o_proj.weight"] = o
+        if self.llama.attention_bias:
+            tensors["self_attn.q_proj.bias"] = q[:, width]
+            tensors["self_attn.k_proj.bias"] = torch.cat(fused_k)[:, width]
+            tensors["self_attn.v_proj.bias"] = torch.cat(fused_v)[:, width]
+            if not (self.options.uniform and architectures.missing_bias(self.source_config)):
+                tensors["self_attn.o_proj.bias"] = layer.tensors.get(
+                    "self_attn.o_proj.bias", torch.zeros(self.llama.hidden_size))
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        self.key_maps.append(key_map)
+        self.value_maps.append(value_map)
+        if self.options.refine_steps and layer.calibration is not None:
+            tensors = self.refine(layer, tensors)
+        self.plan_layers.append({
+            "key_groups": [list(g) for g in key_groups],
+            "key_group_errors": [round(fusion.key_error(g) / max(fusion.key_energy(g), 1e-30), 6) for g in key_groups],
+            "value_groups": [list(g) for g in value_groups],
+            "value_group_errors": [round(fusion.value_error(g) / max(fusion.value_energy(g), 1e-30), 6)
+                                   for g in value_groups],
+        })
+        return tensors
+
+    def refine(self, layer: LayerInput, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A few Adam steps on the fused attention to match the source layer's attention output."""
+        source = layer.source_layer
+        converted = self.layer_module(layer.index, tensors)
+        attn = converted.self_attn
+        calib = layer.calibration
+        with torch.no_grad():
+            inputs = [source.input_layernorm(h) for h in calib.hidden.split(calib.micro_batch)]
+            cos, sin = calib.position_embeddings
+            targets = [source.self_attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0] for x in inputs]
+        params = [p for name, p in attn.named_parameters() if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=self.options.refine_lr)
+        for step in range(self.options.refine_steps):
+            x, target = inputs[step % len(inputs)], targets[step % len(inputs)]
+            out = attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0]
+            loss = (out - target).pow(2).mean() / target.pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        refined = {f"self_attn.{name}": p.detach().cpu() for name, p in attn.named_parameters()}
+        return {**tensors, **{k: v for k, v in refined.items() if k in tensors}}
+
+    def config(self) -> DHAConfig:
+        values = self.llama.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", "dtype"):
+            values.pop(key, None)
+        done = len(self.key_maps)  # layers not converted yet keep the source's grouping
+        counts = self.per_layer[:done] + [(self.kv, self.kv)] * (self.layers - done)
+        config = DHAConfig(
+            **values,
+            key_heads_per_layer=[k for k, _ in counts],
+            value_heads_per_layer=[v for _, v in counts],
+            key_head_of_query=self.key_maps + [self.reads] * (self.layers - done),
+            value_head_of_query=self.value_maps + [self.reads] * (self.layers - done),
+        )
+        config._attn_implementation = "sdpa"
+        return config
+
+    def layer_module(self, index: int, tensors: dict[str, torch.Tensor]):
+        return build_layer(DHADecoderLayer, self.config(), index, tensors, self.options.device)
+
+    def target_config(self) -> dict:
+        if self.options.uniform:
+            config = mha_config(self.source_config)
+            config["num_key_value_heads"] = self.per_layer[0][0]
+            return config
+        config = {k: v for k, v in self.config().to_dict().items() if k not in GENERIC_KEYS}
+        config["architectures"] = [LAYOUTS["dha"].model_class.__name__]
+        config["auto_map"] = LAYOUTS["dha"].auto_map
+        return config
+
+    def plan(self) -> dict:
+        keys = sum(k for k, _ in self.per_layer)
+        values = sum(v for _, v in self.per_layer)
+        total = self.layers * self.kv
+        return {
+            "key_heads_per_layer": [k for k, _ in self.per_layer],
+            "value_heads_per_layer": [v for _, v in self.per_layer],
+            "kept": {"keys": round(keys / total, 4), "values": round(values / total, 4),
+                     "kv": round((keys + values) / (2 * total), 4)},
+            "fusion": self.options.fusion,
+            "uniform": self.options.uniform,
+            "refine_steps": self.options.refine_steps,
+        }
+
+    def write_extras(self, folder: Path) -> None:
+        plan = {**self.plan(), "layers": self.plan_layers,
+                "error_curves": {f"{layer}.{kind}": curve for (layer, kind), curve in sorted(self.curves.items())},
+                "pair_merge_error": {str(k): v for k, v in self.similarity.items()}}
+        (folder / "dha_plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        draw_plan(plan, self.kv, folder / "dha_plan.png")
+
+
+def draw_plan(plan: dict, kv: int, path: Path) -> None:
+    """Heads kept per layer for K and V, and the pairwise merge errors of a few layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = plan["pair_merge_error"]
+    columns = max(1, len(maps))
+    fig = plt.figure(figsize=(4 * columns, 7), constrained_layout=True)
+    grid = fig.add_gridspec(3 if maps else 1, columns)
+    ax = fig.add_subplot(grid[0, :])
+    layers = range(len(plan["key_heads_per_layer"]))
+    ax.step(layers, plan["key_heads_per_layer"], where="mid", label="key heads", color="tab:blue")
+    ax.step(layers, plan["value_heads_per_layer"], where="mid", label="value heads", color="tab:orange", linestyle="--")
+    ax.set(xlabel="layer", ylabel=f"heads kept (of {kv})", ylim=(0, kv + 0.5),
+           title=f"DHA plan: {plan['kept']['kv']:.1%} of the KV cache kept")
+    ax.legend(loc="lower right")
+    for column, (layer, kinds) in enumerate(sorted(maps.items(), key=lambda item: int(item[0]))):
+        for row, kind in enumerate(("k", "v"), start=1):
+            ax = fig.add_subplot(grid[row, column])
+            matrix = torch.tensor(kinds[kind]).clamp_min(1e-12).log10()
+            image = ax.imshow(matrix, cmap="viridis_r")
+            ax.set_title(f"layer {layer}: {'key' if kind == 'k' else 'value'} merge error (log10)", fontsize=9)
+            ax.set_xticks(range(kv))
+            ax.set_yticks(range(kv))
+            fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+

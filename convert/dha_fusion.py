@@ -1,0 +1,177 @@
+"""DHA's closed-form head fusion for one layer (DESIGN.md, "Appendix: the DHA fusion in formulas").
+
+Everything is computed from C = E[x xᵀ] over the calibration tokens, x = [attention input, 1]
+(the 1 carries the biases), so a fit costs nothing per token. Head h of a projection is the
+(d, D+1) block W^h (weights and bias). The query head i reads KV head g(i).
+
+Values, a group S fused into one head:
+    R_j R_jᵀ = Σ_{i: g(i)=j} W_o^iᵀ W_o^i           (weights the error by how it reaches the output)
+    Y = [X W_v^jᵀ R_j]_{j∈S};  P = top-d eigenvectors of YᵀY, in d×d blocks P_j
+    W_v^f = Σ_j P_jᵀ R_jᵀ W_v^j;  M_j = P_jᵀ R_j⁻¹, so X W_v^jᵀ ≈ X W_v^fᵀ M_j;  W_o^i ← W_o^i M_jᵀ
+
+Keys, per RoPE pair t (rows t and t + d/2 as one complex row b_j^t = w_j^t + i·w_j^{t+d/2}):
+    z_j = X b_j^t ∈ ℂ^N;  Z = [ω_j z_j]_{j∈S};  v = top eigenvector of ZᴴZ
+    b_f^t = Σ_j v_j ω_j b_j^t;  c_j = conj(v_j) / ω_j, so z_j ≈ c_j z_f;  q_i^t ← q_i^t · conj(c_j)
+(a complex scale commutes with the RoPE rotation, so the fold into the queries is exact).
+
+ω_j^t is the query energy of pair t over the query heads reading j, times s_j, the spread of
+those heads' value outputs through o_proj: a logit error δℓ moves the output by about
+δℓ·s_j, so key errors and value errors are both in units of output energy and can share a budget.
+"""
+
+from itertools import combinations
+
+import torch
+
+EPS = 1e-8
+
+
+def augmented(weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """(heads·d, D) weight and optional bias -> (heads, d, D+1) float64 blocks."""
+    w = weight.double().view(heads, -1, weight.shape[1])
+    b = torch.zeros(*w.shape[:2], 1, dtype=torch.float64) if bias is None else bias.double().view(heads, -1, 1)
+    return torch.cat([w, b], dim=2)
+
+
+class LayerFusion:
+    """Fit errors and fused weights of one layer's K and V heads, from the calibration second moment C."""
+
+    def __init__(self, q, k, v, o_weight, second_moment: torch.Tensor, reads: list[int]):
+        """q: (H, d, D+1), k and v: (KV, d, D+1), o_weight: (D, H·d), reads[i] = g(i)."""
+        self.q, self.k, self.v = q, k, v
+        self.heads, self.d, self.width = q.shape
+        self.kv = k.shape[0]
+        self.half = self.d // 2
+        self.reads = reads
+        self.o = o_weight.double().view(o_weight.shape[0], self.heads, self.d)  # (D, H, d)
+        C = second_moment.double()
+        readers = [[i for i in range(self.heads) if reads[i] == j] for j in range(self.kv)]
+
+        # values: R_j and the Gram matrix of all A_j = W_v^jᵀ R_j
+        self.R = []
+        for j in range(self.kv):
+            m = sum(self.o[:, i].T @ self.o[:, i] for i in readers[j])
+            m = m + EPS * (m.trace() / self.d + 1) * torch.eye(self.d, dtype=torch.float64)
+            self.R.append(torch.linalg.cholesky(m))
+        A = torch.cat([self.v[j].T @ self.R[j] for j in range(self.kv)], dim=1)  # (D+1, KV·d)
+        self.value_gram = A.T @ C @ A
+
+        # keys: complex rows per RoPE pair, their Gram matrices, and the weights ω_j^t·s_j
+        self.key_rows = torch.complex(k[:, : self.half], k[:, self.half :])  # (KV, d/2, D+1)
+        Cc = C.to(torch.complex128)
+        self.key_gram = torch.einsum("jtd,de,kte->tjk", self.key_rows.conj(), Cc, self.key_rows)  # (d/2, KV, KV)
+        query_energy = torch.einsum("htd,de,hte->ht", q, C, q)  # (H, d): E[q_t²]
+        pair_energy = query_energy[:, : self.half] + query_energy[:, self.half :]  # (H, d/2)
+        mean = C[:, -1]
+        cov = C - torch.outer(mean, mean)
+        weights = []
+        for j in range(self.kv):
+            # s_j²: E||W_o^i (v_j − E v_j)||² / d, averaged over the readers i of j
+            spread = torch.stack([((self.o[:, i] @ self.v[j]) @ cov * (self.o[:, i] @ self.v[j])).sum()
+                                  for i in readers[j]]).mean() / self.d
+            omega = pair_energy[readers[j]].mean(0).sqrt()
+            weights.append(omega * spread.clamp_min(0).sqrt())
+        self.key_weights = torch.stack(weights).clamp_min(EPS)  # (KV, d/2)
+        self._cache: dict = {}
+
+    # ---- errors, in units of output energy per token ----
+
+    def value_error(self, group: tuple[int, ...]) -> float:
+        if len(group) == 1:
+            return 0.0
+        key = ("v", group)
+        if key not in self._cache:
+            idx = torch.cat([torch.arange(j * self.d, (j + 1) * self.d) for j in group])
+            eig = torch.linalg.eigvalsh(self.value_gram[idx][:, idx])
+            self._cache[key] = eig[: -self.d].clamp_min(0).sum().item()
+        return self._cache[key]
+
+    def _key_hermitian(self, group: tuple[int, ...]) -> torch.Tensor:
+        idx = torch.tensor(group)
+        w = self.key_weights[idx].T.to(torch.complex128)  # (d/2, |S|)
+        return w[:, :, None] * self.key_gram[:, idx][:, :, idx] * w[:, None, :]
+
+    def key_error(self, group: tuple[int, ...]) -> float:
+        if len(group) == 1:
+            return 0.0
+        key = ("k", group)
+        if key not in self._cache:
+            eig = torch.linalg.eigvalsh(self._key_hermitian(group))  # (d/2, |S|), ascending
+            self._cache[key] = (eig[:, :-1].clamp_min(0).sum() / (2 * self.d)).item()
+        return self._cache[key]
+
+    def key_energy(self, group) -> float:
+        return (self._key_hermitian(tuple(group)).diagonal(dim1=1, dim2=2).real.sum() / (2 * self.d)).item()
+
+    def value_energy(self, group) -> float:
+        return sum(self.value_gram[j * self.d : (j + 1) * self.d, j * self.d : (j + 1) * self.d].trace().item()
+                   for j in group)
+
+    # ---- fused weights ----
+
+    def fuse_values(self, group: tuple[int, ...], mean: bool = False):
+        """(W_v^f (d, D+1), {j: M_j (d, d)}) with X W_v^jᵀ ≈ X W_v^fᵀ M_j."""
+        eye = torch.eye(self.d, dtype=torch.float64)
+        if len(group) == 1:
+            return self.v[group[0]], {group[0]: eye}
+        if mean:
+            return torch.stack([self.v[j] for j in group]).mean(0), {j: eye for j in group}
+        idx = torch.cat([torch.arange(j * self.d, (j + 1) * self.d) for j in group])
+        _, vectors = torch.linalg.eigh(self.value_gram[idx][:, idx])
+        top = vectors[:, -self.d :]  # P: (|S|·d, d)
+        fused = sum(top[n * self.d : (n + 1) * self.d].T @ self.R[j].T @ self.v[j] for n, j in enumerate(group))
+        maps = {j: top[n * self.d : (n + 1) * self.d].T @ torch.linalg.inv(self.R[j]) for n, j in enumerate(group)}
+        return fused, maps
+
+    def fuse_keys(self, group: tuple[int, ...], mean: bool = False):
+        """(W_k^f (d, D+1), {j: c_j (d/2,) complex}) with z_j ≈ c_j z_f for every RoPE pair."""
+        ones = torch.ones(self.half, dtype=torch.complex128)
+        if len(group) == 1:
+            return self.k[group[0]], {group[0]: ones}
+        if mean:
+            return torch.stack([self.k[j] for j in group]).mean(0), {j: ones for j in group}
+        _, vectors = torch.linalg.eigh(self._key_hermitian(group))
+        top = vectors[:, :, -1]  # (d/2, |S|): v per pair
+        idx = torch.tensor(group)
+        w = self.key_weights[idx].T.to(torch.complex128)  # (d/2, |S|)
+        coef = top * w  # v_j ω_j
+        fused = torch.einsum("ts,std->td", coef, self.key_rows[idx])  # (d/2, D+1) complex
+        scales = {j: top[:, n].conj() / w[:, n] for n, j in enumerate(group)}
+        return torch.cat([fused.real, fused.imag]), scales
+
+    def fold_query(self, head: int, scale: torch.Tensor) -> torch.Tensor:
+        """Query head ``head``'s (d, D+1) block with every RoPE pair multiplied by conj(scale)."""
+        rows = torch.complex(self.q[head, : self.half], self.q[head, self.half :]) * scale.conj()[:, None]
+        return torch.cat([rows.real, rows.imag])
+
+
+def agglomerate(count: int, error, target: int) -> tuple[list[tuple[int, ...]], dict[int, float]]:
+    """Merges the cheapest pair of groups until ``target`` remain; returns the groups and the total
+    error at every group count passed through."""
+    groups = [(j,) for j in range(count)]
+    total, curve = 0.0, {count: 0.0}
+    while len(groups) > target:
+        best, best_cost = None, None
+        for a, b in combinations(groups, 2):
+            merged = tuple(sorted(a + b))
+            cost = error(merged) - error(a) - error(b)
+            if best_cost is None or cost < best_cost:
+                best, best_cost = (a, b, merged), cost
+        a, b, merged = best
+        groups = [g for g in groups if g not in (a, b)] + [merged]
+        total += best_cost
+        curve[len(groups)] = total
+    return sorted(groups), curve
+
+
+def equal_groups(count: int, size: int, error) -> list[tuple[int, ...]]:
+    """``count // size`` groups of ``size`` heads each, grown greedily around the lowest free head."""
+    free, groups = list(range(count)), []
+    while free:
+        group = (free.pop(0),)
+        while len(group) < size:
+            best = min(free, key=lambda j: error(tuple(sorted(group + (j,)))))
+            free.remove(best)
+            group = tuple(sorted(group + (best,)))
+        groups.append(group)
+    return groups

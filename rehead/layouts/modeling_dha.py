@@ -1,0 +1,135 @@
+"""DHA: Decoupled-Head Attention (Chen et al. 2024, arXiv 2406.06567).
+
+The LLaMA decoder stack with one change: each layer has its own number of key heads and of value
+heads, and each query head reads one of each (``key_head_of_query``, ``value_head_of_query``).
+The KV cache holds only the fused heads.
+
+    head_i = softmax(q_i · K_{κ(i)}ᵀ / √d) · V_{ν(i)}
+
+This file travels inside converted checkpoints: it imports only torch and transformers.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_dha import DHAConfig
+
+
+class DHAAttention(LlamaAttention):
+    def __init__(self, config: DHAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        heads = config.num_attention_heads
+        self.key_heads = config.key_heads_per_layer[layer_idx]
+        self.value_heads = config.value_heads_per_layer[layer_idx]
+        self.key_of_query = list(config.key_head_of_query[layer_idx])
+        self.value_of_query = list(config.value_head_of_query[layer_idx])
+        self.k_proj = nn.Linear(config.hidden_size, self.key_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.value_heads * self.head_dim, bias=config.attention_bias)
+        # When K and V share contiguous groups this is plain grouped-query attention: the attention
+        # kernels repeat the heads themselves. Otherwise each query head's K and V are gathered.
+        group = heads // self.key_heads if heads % self.key_heads == 0 else 0
+        contiguous = group > 0 and self.key_of_query == [i // group for i in range(heads)]
+        self.grouped = contiguous and self.key_of_query == self.value_of_query
+        self.num_key_value_groups = group if self.grouped else 1
+        self._index = {}
+
+    def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._index:
+            self._index[device] = (
+                torch.tensor(self.key_of_query, dtype=torch.long, device=device),
+                torch.tensor(self.value_of_query, dtype=torch.long, device=device),
+            )
+        return self._index[device]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:  # the cache holds the fused heads only
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+        if not self.grouped:
+            key_of_query, value_of_query = self._maps(key_states.device)
+            key_states = key_states.index_select(1, key_of_query)
+            value_states = value_states.index_select(1, value_of_query)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class DHADecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: DHAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = DHAAttention(config, layer_idx)
+
+
+class DHAPreTrainedModel(LlamaPreTrainedModel):
+    config_class = DHAConfig
+    _no_split_modules = ["DHADecoderLayer"]
+
+
+class DHAModel(DHAPreTrainedModel, LlamaModel):
+    def __init__(self, config: DHAConfig):
+        LlamaPreTrainedModel.__init__(self, config)  # LlamaModel's own __init__ would build Llama layers
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DHADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class DHAForCausalLM(DHAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    def __init__(self, config: DHAConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = DHAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = ["DHAForCausalLM", "DHAModel", "DHAPreTrainedModel"]
