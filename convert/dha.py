@@ -24,13 +24,14 @@ from rehead.errors import ReheadError
 from rehead.heads import mha_config
 from rehead.layouts import LAYOUTS
 from rehead.layouts.configuration_dha import DHAConfig
-from rehead.layouts.modeling_dha import DHADecoderLayer
+from rehead.layouts.modeling_dha import DHAAttention, DHADecoderLayer
 
 from .dha_fusion import LayerFusion, agglomerate, augmented, equal_groups
 from .engine import LayerInput, Rewriter, build_layer
 from .moh import GENERIC_KEYS
 
 HEATMAP_LAYERS = 3
+PROBE_SEQUENCES = 4  # calibration sequences on which the planning pass measures attention errors
 
 
 def allocate(curves: dict, target: int, start: int) -> dict:
@@ -111,6 +112,7 @@ class DHARewriter(Rewriter):
         self.similarity: dict = {}
         self.plan_layers: list[dict] = []
         self.key_maps: list[list[int]] = []
+        self.refined: list[dict] = []
         self.value_maps: list[list[int]] = []
 
     @property
@@ -151,9 +153,29 @@ class DHARewriter(Rewriter):
         return LayerFusion(q, k, v, t["self_attn.o_proj.weight"], moment, self.reads)
 
     def observe_layer(self, layer: LayerInput) -> None:
+        """Each layer's error curve for 1 … KV key heads and 1 … KV value heads, measured where it
+        matters: the attention output's squared error relative to the residual stream's energy."""
         fusion = self.fusion(layer)
-        _, self.curves[(layer.index, "k")] = agglomerate(self.kv, fusion.key_error, 1)
-        _, self.curves[(layer.index, "v")] = agglomerate(self.kv, fusion.value_error, 1)
+        calib = layer.calibration
+        source = layer.source_layer
+        hidden = calib.hidden[:PROBE_SEQUENCES]
+        cos, sin = (t[: len(hidden)] for t in calib.position_embeddings)
+        with torch.no_grad():
+            x = source.input_layernorm(hidden)
+            target = source.self_attn(x, position_embeddings=(cos, sin))[0]
+            scale = hidden.pow(2).mean().item()
+        singletons = [(j,) for j in range(self.kv)]
+        for kind, error in (("k", fusion.key_error), ("v", fusion.value_error)):
+            history = agglomerate(self.kv, error, 1)
+            curve = {self.kv: 0.0}
+            for count in range(self.kv - 1, 0, -1):
+                groups = (history[count], singletons) if kind == "k" else (singletons, history[count])
+                tensors, key_map, value_map = self.assemble(fusion, *groups)
+                attn = self.attention(layer.index, tensors, key_map, value_map, groups)
+                with torch.no_grad():
+                    out = attn(x, position_embeddings=(cos, sin))[0]
+                curve[count] = (out - target).pow(2).mean().item() / scale
+            self.curves[(layer.index, kind)] = curve
         shown = sorted({0, self.layers // 2, self.layers - 1})[:HEATMAP_LAYERS]
         if layer.index in shown:
             self.similarity[layer.index] = {
@@ -162,6 +184,19 @@ class DHARewriter(Rewriter):
                 for kind, error, energy in (("k", fusion.key_error, fusion.key_energy),
                                             ("v", fusion.value_error, fusion.value_energy))
             }
+
+    def attention(self, index: int, tensors: dict, key_map: list[int], value_map: list[int], groups) -> torch.nn.Module:
+        """A float32 DHA attention module holding ``tensors`` (names relative to self_attn)."""
+        config = self.config()
+        config.key_heads_per_layer[index], config.value_heads_per_layer[index] = len(groups[0]), len(groups[1])
+        config.key_head_of_query[index], config.value_head_of_query[index] = key_map, value_map
+        with torch.device("meta"):
+            attn = DHAAttention(config, index)
+        state = {k.removeprefix("self_attn."): v.to(self.options.device) for k, v in tensors.items()}
+        if "o_proj.bias" not in state and attn.o_proj.bias is not None:
+            state["o_proj.bias"] = torch.zeros(self.llama.hidden_size, device=self.options.device)
+        attn.load_state_dict(state, assign=True)
+        return attn.eval()
 
     def plan_budget(self) -> None:
         if self.joint:
@@ -175,6 +210,32 @@ class DHARewriter(Rewriter):
 
     # ---- the conversion ----
 
+    def assemble(self, fusion: LayerFusion, key_groups, value_groups, mean: bool = False, permute: bool = False):
+        """The fused attention's tensors (float32, names under self_attn.) and its query->K and query->V maps."""
+        fused_k, scales = zip(*(fusion.fuse_keys(g, mean) for g in key_groups))
+        fused_v, maps = zip(*(fusion.fuse_values(g, mean) for g in value_groups))
+        key_of = {j: n for n, g in enumerate(key_groups) for j in g}
+        value_of = {j: n for n, g in enumerate(value_groups) for j in g}
+        scale = {j: s for part in scales for j, s in part.items()}
+        vmap = {j: m for part in maps for j, m in part.items()}
+        order = list(range(self.heads))
+        if permute:  # each group's readers contiguous: stock grouped-query attention
+            order = sorted(order, key=lambda i: (key_of[self.reads[i]], i))
+        q = torch.cat([fusion.fold_query(i, scale[self.reads[i]]) for i in order])
+        k, v = torch.cat(fused_k), torch.cat(fused_v)
+        width = fusion.width - 1
+        tensors = {
+            "self_attn.q_proj.weight": q[:, :width],
+            "self_attn.k_proj.weight": k[:, :width],
+            "self_attn.v_proj.weight": v[:, :width],
+            "self_attn.o_proj.weight": torch.cat([fusion.o[:, i] @ vmap[self.reads[i]].T for i in order], dim=1),
+        }
+        if self.llama.attention_bias:
+            tensors.update({"self_attn.q_proj.bias": q[:, width], "self_attn.k_proj.bias": k[:, width],
+                            "self_attn.v_proj.bias": v[:, width]})
+        tensors = {name: t.float() for name, t in tensors.items()}
+        return tensors, [key_of[self.reads[i]] for i in order], [value_of[self.reads[i]] for i in order]
+
     def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
         keys, values = self.per_layer[layer.index]
         fusion = self.fusion(layer)
@@ -187,38 +248,14 @@ class DHARewriter(Rewriter):
                 groups = equal_groups(self.kv, size, lambda g: fusion.key_error(g) + fusion.value_error(g))
             key_groups = value_groups = groups
         else:
-            key_groups, _ = agglomerate(self.kv, fusion.key_error, keys)
-            value_groups, _ = agglomerate(self.kv, fusion.value_error, values)
-
-        fused_k, scales = zip(*(fusion.fuse_keys(g, mean) for g in key_groups))
-        fused_v, maps = zip(*(fusion.fuse_values(g, mean) for g in value_groups))
-        key_of = {j: n for n, g in enumerate(key_groups) for j in g}
-        value_of = {j: n for n, g in enumerate(value_groups) for j in g}
-        scale = {j: s for part in scales for j, s in part.items()}
-        vmap = {j: m for part in maps for j, m in part.items()}
-
-        order = list(range(self.heads))
-        if self.options.uniform:  # each group's readers contiguous: stock grouped-query attention
-            order = sorted(order, key=lambda i: (key_of[self.reads[i]], i))
-        q = torch.cat([fusion.fold_query(i, scale[self.reads[i]]) for i in order])
-        o = torch.cat([fusion.o[:, i] @ vmap[self.reads[i]].T for i in order], dim=1)
-        key_map = [key_of[self.reads[i]] for i in order]
-        value_map = [value_of[self.reads[i]] for i in order]
-
+            key_groups = agglomerate(self.kv, fusion.key_error, keys)[keys]
+            value_groups = agglomerate(self.kv, fusion.value_error, values)[values]
+        attention, key_map, value_map = self.assemble(fusion, key_groups, value_groups, mean, self.options.uniform)
         tensors = {k: v for k, v in layer.tensors.items() if not k.startswith("self_attn.")}
-        width = fusion.width - 1
-        tensors["self_attn.q_proj.weight"] = q[:, :width]
-        tensors["self_attn.k_proj.weight"] = torch.cat(fused_k)[:, :width]
-        tensors["self_attn.v_proj.weight"] = torch.cat(fused_v)[:, :width]
-        tensors["self_attn.o_proj.weight"] = o
-        if self.llama.attention_bias:
-            tensors["self_attn.q_proj.bias"] = q[:, width]
-            tensors["self_attn.k_proj.bias"] = torch.cat(fused_k)[:, width]
-            tensors["self_attn.v_proj.bias"] = torch.cat(fused_v)[:, width]
-            if not (self.options.uniform and architectures.missing_bias(self.source_config)):
-                tensors["self_attn.o_proj.bias"] = layer.tensors.get(
-                    "self_attn.o_proj.bias", torch.zeros(self.llama.hidden_size))
-        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors.update(attention)
+        if self.llama.attention_bias and not (self.options.uniform and architectures.missing_bias(self.source_config)):
+            tensors["self_attn.o_proj.bias"] = layer.tensors.get("self_attn.o_proj.bias",
+                                                                 torch.zeros(self.llama.hidden_size))
         self.key_maps.append(key_map)
         self.value_maps.append(value_map)
         if self.options.refine_steps and layer.calibration is not None:
@@ -233,26 +270,37 @@ class DHARewriter(Rewriter):
         return tensors
 
     def refine(self, layer: LayerInput, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A few Adam steps on the fused attention to match the source layer's attention output."""
+        """Adam steps on the fused attention to match the source layer's attention output, one
+        calibration micro-batch a step; kept only if the error over all calibration text went down."""
         source = layer.source_layer
-        converted = self.layer_module(layer.index, tensors)
-        attn = converted.self_attn
+        attn = self.layer_module(layer.index, tensors).self_attn
         calib = layer.calibration
+        cos, sin = calib.position_embeddings
         with torch.no_grad():
             inputs = [source.input_layernorm(h) for h in calib.hidden.split(calib.micro_batch)]
-            cos, sin = calib.position_embeddings
             targets = [source.self_attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0] for x in inputs]
+        scale = sum(t.pow(2).sum() for t in targets) / sum(t.numel() for t in targets)
+
+        def loss(x, target):
+            return (attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0] - target).pow(2).mean() / scale
+
+        def total() -> float:
+            with torch.no_grad():
+                return sum(loss(x, t).item() * len(x) for x, t in zip(inputs, targets)) / len(calib.hidden)
+
+        before = total()
         params = [p for name, p in attn.named_parameters() if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=self.options.refine_lr)
         for step in range(self.options.refine_steps):
-            x, target = inputs[step % len(inputs)], targets[step % len(inputs)]
-            out = attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0]
-            loss = (out - target).pow(2).mean() / target.pow(2).mean()
             optimizer.zero_grad()
-            loss.backward()
+            loss(inputs[step % len(inputs)], targets[step % len(inputs)]).backward()
             optimizer.step()
+        after = total()
+        self.refined.append({"layer": layer.index, "error_before": round(before, 6), "error_after": round(after, 6)})
+        if after >= before:
+            return tensors
         refined = {f"self_attn.{name}": p.detach().cpu() for name, p in attn.named_parameters()}
         return {**tensors, **{k: v for k, v in refined.items() if k in tensors}}
 
@@ -261,7 +309,7 @@ class DHARewriter(Rewriter):
         for key in ("model_type", "transformers_version", "architectures", "dtype"):
             values.pop(key, None)
         done = len(self.key_maps)  # layers not converted yet keep the source's grouping
-        counts = self.per_layer[:done] + [(self.kv, self.kv)] * (self.layers - done)
+        counts = (self.per_layer or [])[:done] + [(self.kv, self.kv)] * (self.layers - done)
         config = DHAConfig(
             **values,
             key_heads_per_layer=[k for k, _ in counts],
@@ -300,7 +348,7 @@ class DHARewriter(Rewriter):
         }
 
     def write_extras(self, folder: Path) -> None:
-        plan = {**self.plan(), "layers": self.plan_layers,
+        plan = {**self.plan(), "layers": self.plan_layers, "refinement": self.refined,
                 "error_curves": {f"{layer}.{kind}": curve for (layer, kind), curve in sorted(self.curves.items())},
                 "pair_merge_error": {str(k): v for k, v in self.similarity.items()}}
         (folder / "dha_plan.json").write_text(json.dumps(plan, indent=1) + "\n")

@@ -145,23 +145,16 @@ class LayerFusion:
         return torch.cat([rows.real, rows.imag])
 
 
-def agglomerate(count: int, error, target: int) -> tuple[list[tuple[int, ...]], dict[int, float]]:
-    """Merges the cheapest pair of groups until ``target`` remain; returns the groups and the total
-    error at every group count passed through."""
+def agglomerate(count: int, error, target: int) -> dict[int, list[tuple[int, ...]]]:
+    """Merges the pair of groups whose merge adds the least fit error until ``target`` groups remain;
+    returns the grouping at every count passed through, from ``count`` down to ``target``."""
     groups = [(j,) for j in range(count)]
-    total, curve = 0.0, {count: 0.0}
+    history = {count: list(groups)}
     while len(groups) > target:
-        best, best_cost = None, None
-        for a, b in combinations(groups, 2):
-            merged = tuple(sorted(a + b))
-            cost = error(merged) - error(a) - error(b)
-            if best_cost is None or cost < best_cost:
-                best, best_cost = (a, b, merged), cost
-        a, b, merged = best
-        groups = [g for g in groups if g not in (a, b)] + [merged]
-        total += best_cost
-        curve[len(groups)] = total
-    return sorted(groups), curve
+        a, b = min(combinations(groups, 2), key=lambda p: error(tuple(sorted(p[0] + p[1]))) - error(p[0]) - error(p[1]))
+        groups = sorted([g for g in groups if g not in (a, b)] + [tuple(sorted(a + b))])
+        history[len(groups)] = groups
+    return history
 
 
 def equal_groups(count: int, size: int, error) -> list[tuple[int, ...]]:

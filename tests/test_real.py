@@ -1,5 +1,7 @@
 """The embedded real model, SmolLM2-135M-Instruct (30 layers, 9 query heads, 3 KV heads)."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,3 +52,11 @@ def test_calibrated_moh_stays_close_on_held_out_text(smollm2, tmp_path, heldout)
     base = metrics.perplexity(AutoModelForCausalLM.from_pretrained(smollm2).eval(), heldout)
     moh = metrics.perplexity(AutoModelForCausalLM.from_pretrained(out).eval(), heldout)
     assert base < moh < 2 * base
+
+
+def test_dha_finds_the_repeated_heads_of_the_mha_form(smollm2, tmp_path, heldout):
+    """smollm2-135m-mha repeats each of 3 KV heads 3 times: a third of the heads is the same function."""
+    out = convert("smollm2-135m-mha", tmp_path / "dha", to="dha", kv_budget=0.3334, calib_tokens=2048)
+    plan = json.loads((out / "rehead.json").read_text())["plan"]
+    assert plan["key_heads_per_layer"] == [3] * 30 == plan["value_heads_per_layer"]
+    assert (run(out, heldout[:2]) - run(smollm2, heldout[:2])).abs().max().item() <= 1e-3
