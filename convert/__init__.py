@@ -4,11 +4,12 @@ from pathlib import Path
 
 from .dha import DHARewriter
 from .engine import Rewriter, convert as run
+from .gda import GDARewriter
 from .mha import MHARewriter
 from .moh import MoHRewriter
 from .options import ConvertOptions
 
-REWRITERS: dict[str, type[Rewriter]] = {"mha": MHARewriter, "moh": MoHRewriter, "dha": DHARewriter}
+REWRITERS: dict[str, type[Rewriter]] = {"mha": MHARewriter, "moh": MoHRewriter, "dha": DHARewriter, "gda": GDARewriter}
 
 
 def convert(source: str, out: str | Path, options: ConvertOptions | None = None, **values) -> Path:

@@ -38,6 +38,7 @@ from rehead.sources import Source, resolve
 from .options import DTYPES, ConvertOptions
 
 log = logging.getLogger("rehead.convert")
+IDENTITY_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -128,6 +129,39 @@ def build_layer(layer_class: type, config, index: int, tensors: dict[str, torch.
     return module.eval()
 
 
+def head_statistics(layer: LayerInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per calibration token (rows): the attention input x, each query head's query norm, and each
+    head's contribution energy ||W_o^i · head_i||² to the attention output."""
+    attn = layer.source_layer.self_attn
+    head_dim, inputs, norms, energies = attn.head_dim, [], [], []
+
+    def on_query(module, args, output):
+        inputs.append(args[0].flatten(0, 1))
+        norms.append(output.flatten(0, 1).unflatten(-1, (-1, head_dim)).norm(dim=-1))
+
+    def on_output(module, args, output):
+        heads = args[0].flatten(0, 1).unflatten(-1, (-1, head_dim))  # (N, H, d)
+        weight = module.weight.unflatten(1, (-1, head_dim))  # (D, H, d)
+        energies.append(torch.stack([(heads[:, h] @ weight[:, h].T).pow(2).sum(-1) for h in range(heads.shape[1])], 1))
+
+    layer.calibration.run(layer.source_layer, {attn.q_proj: on_query, attn.o_proj: on_output})
+    return torch.cat(inputs), torch.cat(norms), torch.cat(energies)
+
+
+def check_identity(index: int, source: nn.Module, converted: nn.Module, calibration: Calibration) -> float:
+    """The converted layer's largest deviation from the source layer on a calibration micro-batch,
+    relative to the output's scale; raises when it is more than float32 noise (``--check-identity``)."""
+    first = Calibration(calibration.hidden[: calibration.micro_batch], calibration.position_embeddings)
+    expected, got = first.run(source), first.run(converted)
+    error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1.0)
+    if error > IDENTITY_TOLERANCE:
+        raise ReheadError(
+            f"--check-identity: layer {index} differs from the source by {error:.3g} (relative; tolerance "
+            f"{IDENTITY_TOLERANCE:g}): these options do not preserve the function; nothing was written"
+        )
+    return error
+
+
 def output_dtype(options: ConvertOptions, config: dict) -> torch.dtype:
     name = DTYPES.get(options.dtype) or config.get("dtype") or config.get("torch_dtype") or "float32"
     return getattr(torch, name)
@@ -160,13 +194,13 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
     tokenizer = load_tokenizer(options, source)
     calib_ids = None
     if tokenizer is None:
-        if rewriter.needs_calibration:
+        if rewriter.needs_calibration or options.check_identity:
             raise ReheadError(
                 f"{source_spec}: no tokenizer, and this conversion calibrates on text; pass --tokenizer "
                 "with a checkpoint or Hub id that has the same tokenizer"
             )
         log.warning("%s has no tokenizer: the output will have none either (add one before using it)", source_spec)
-    elif rewriter.needs_calibration:
+    elif rewriter.needs_calibration or options.check_identity:
         calib_ids = text.blocks(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len)
 
     layer_names: dict[int, list[str]] = {}
@@ -196,7 +230,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
             tensor = reader.get(name) if tensor is None else tensor
             writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
 
-        calibration = None
+        calibration, identity_errors = None, []
         for name in other_names:
             write(name, None, unchanged=True)
             if calib_ids is not None and name == "model.embed_tokens.weight":
@@ -230,6 +264,8 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
             new = rewriter.rewrite_layer(layer)
             if calibration is not None:
                 converted = rewriter.layer_module(index, new)
+                if options.check_identity:
+                    identity_errors.append(check_identity(index, layer.source_layer, converted, calibration))
                 calibration.hidden = calibration.run(converted)
                 del converted
             for name, tensor in new.items():
@@ -262,6 +298,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
                 "sha256": text.ids_hash(calib_ids),
             },
             "plan": rewriter.plan(),
+            "identity_error_per_layer": identity_errors or None,
         }
         (tmp / "rehead.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return out

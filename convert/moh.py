@@ -22,7 +22,7 @@ from rehead.layouts import LAYOUTS
 from rehead.layouts.configuration_moh import MoHConfig
 from rehead.layouts.modeling_moh import MoHDecoderLayer
 
-from .engine import LayerInput, Rewriter, build_layer
+from .engine import LayerInput, Rewriter, build_layer, head_statistics
 from .options import head_count
 
 ROUTER_SCALE = 0.02
@@ -102,23 +102,6 @@ class MoHRewriter(Rewriter):
         config._attn_implementation = "sdpa"
         return config
 
-    def statistics(self, layer: LayerInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per calibration token: attention inputs x, query norms and contribution energies per head."""
-        attn = layer.source_layer.self_attn
-        head_dim, inputs, norms, energies = attn.head_dim, [], [], []
-
-        def on_query(module, args, output):
-            inputs.append(args[0].flatten(0, 1))
-            norms.append(output.flatten(0, 1).unflatten(-1, (-1, head_dim)).norm(dim=-1))
-
-        def on_output(module, args, output):
-            heads = args[0].flatten(0, 1).unflatten(-1, (-1, head_dim))  # (N, H, d)
-            weight = module.weight.unflatten(1, (-1, head_dim))  # (D, H, d)
-            energies.append(torch.stack([(heads[:, h] @ weight[:, h].T).pow(2).sum(-1) for h in range(heads.shape[1])], 1))
-
-        layer.calibration.run(layer.source_layer, {attn.q_proj: on_query, attn.o_proj: on_output})
-        return torch.cat(inputs), torch.cat(norms), torch.cat(energies)
-
     def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
         tensors = dict(layer.tensors)
         hidden = self.llama.hidden_size
@@ -128,7 +111,7 @@ class MoHRewriter(Rewriter):
         learned = self.options.router == "learned"
         routers = {}
         if self.needs_calibration:
-            inputs, norms, energy = self.statistics(layer)
+            inputs, norms, energy = head_statistics(layer)
             scores = energy if learned else norms  # the learned router is fitted to the energies next
             if self.options.shared == "calibrated":
                 shared = choose_shared(scores, energy, self.n_shared, top_k)

@@ -12,7 +12,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 class ConvertOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    to: Literal["mha", "moh", "dha"]
+    to: Literal["mha", "moh", "dha", "gda"]
     # MoH
     active_heads: float = Field(0.75, description="heads each token uses: a count, or a fraction of the heads")
     shared_heads: float = Field(0.5, description="always-on heads: a count, or a fraction of the heads")
@@ -26,10 +26,15 @@ class ConvertOptions(BaseModel):
     uniform: bool = False
     refine_steps: int = Field(0, ge=0)
     refine_lr: float = Field(1e-4, gt=0)
+    # GDA
+    ratio: int | None = Field(None, description="signal heads per noise-control head")
+    mode: Literal["grow", "repurpose"] = "grow"
+    subln: bool = False
     # calibration
     calib: str = "shakespeare"
     calib_tokens: int = Field(8192, gt=0)
     calib_seq_len: int = Field(512, gt=1)
+    check_identity: bool = Field(False, description="verify on calibration text that each converted layer is the source's")
     # input and output
     revision: str | None = None
     tokenizer: str | None = None

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="rewrite a checkpoint's attention into another head layout")
     p.add_argument("src", help="built-in name (smollm2-135m, smollm2-135m-mha), local folder or hub id")
     p.add_argument("out", help="output folder (written atomically)")
-    p.add_argument("--to", required=True, choices=["mha", "moh", "dha"], help="target layout")
+    p.add_argument("--to", required=True, choices=["mha", "moh", "dha", "gda"], help="target layout")
     g = p.add_argument_group("MoH")
     g.add_argument("--active-heads", type=_head_value, help="heads per token: a count or a fraction (default 0.75)")
     g.add_argument("--shared-heads", type=_head_value, help="always-on heads: a count or a fraction (default 0.5)")
@@ -105,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="equal groups shared by K and V in every layer: a stock grouped-query checkpoint")
     g.add_argument("--refine-steps", type=int, help="layer-local refinement steps after the closed form (default 0)")
     g.add_argument("--refine-lr", type=float, help="learning rate of the refinement (default 1e-4)")
+    g = p.add_argument_group("GDA")
+    g.add_argument("--ratio", type=int, help="signal heads per noise-control head")
+    g.add_argument("--mode", choices=["grow", "repurpose"], help="add noise heads (default) or turn heads into them")
+    g.add_argument("--subln", action="store_true", default=None,
+                   help="DIFF Transformer's per-head RMSNorm and (1 - λ_init) scale (changes the function)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", help="text: built-in name, files, or datasets id (default shakespeare)")
     g.add_argument("--calib-tokens", type=int, help="calibration tokens (default 8192)")
     g.add_argument("--calib-seq-len", type=int, help="calibration sequence length (default 512)")
+    g.add_argument("--check-identity", action="store_true", default=None,
+                   help="verify on calibration text that every converted layer computes the source's function "
+                        "(for identity settings: MoH with every head active, DHA at budget 1, GDA grow)")
     g = p.add_argument_group("input and output")
     source_args(g)
     g.add_argument("--tokenizer", help="take the tokenizer from this checkpoint or hub id")

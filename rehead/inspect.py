@@ -16,11 +16,12 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
     layers = config["num_hidden_layers"]
     kv = config.get("num_key_value_heads") or heads
     head_dim = head_dim_of(config)
-    k_heads = config.get("key_heads_per_layer") or [kv] * layers
+    k_heads = config.get("key_heads_per_layer") or [kv + config.get("gda_noise_heads", 0)] * layers
     v_heads = config.get("value_heads_per_layer") or [kv] * layers
     layout = BY_MODEL_TYPE[model_type].name if model_type in BY_MODEL_TYPE else _stock_layout(heads, kv)
 
-    shapes = CheckpointReader(folder, allow_pickle).shapes()
+    reader = CheckpointReader(folder, allow_pickle)
+    shapes = reader.shapes()
     params = sum(math.prod(shape) for shape in shapes.values())
     info = {
         "path": str(folder),
@@ -37,6 +38,10 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         "kv_cache_bytes_per_token_bf16": sum(k + v for k, v in zip(k_heads, v_heads)) * head_dim * 2,
         "options": _options(config, layout),
     }
+    if layout == "gda":  # λ: how far training has moved each layer away from the source's attention
+        lambdas = [reader.get(f"model.layers.{i}.self_attn.diff_lambda").float() for i in range(layers)]
+        info["options"]["lambda_mean_abs"] = round(sum(x.abs().mean().item() for x in lambdas) / layers, 6)
+        info["options"]["lambda_max_abs"] = round(max(x.abs().max().item() for x in lambdas), 6)
     provenance = folder / "rehead.json"
     if provenance.is_file():
         info["source"] = json.loads(provenance.read_text())["source"]["id"]
@@ -54,6 +59,13 @@ def _options(config: dict, layout: str) -> dict:
             "shared_heads_per_layer": config["moh_shared_heads"],
             "router": config["moh_router"],
             "active_fraction": round(config["moh_active_heads"] / config["num_attention_heads"], 4),
+        }
+    if layout == "gda":
+        return {
+            "signal_heads": config["num_attention_heads"],
+            "noise_heads": config["gda_noise_heads"],
+            "ratio": config["num_attention_heads"] // config["gda_noise_heads"],
+            "subln": config.get("gda_subln", False),
         }
     if layout == "dha":
         return {"key_head_of_query": config["key_head_of_query"], "value_head_of_query": config["value_head_of_query"]}

@@ -5,7 +5,8 @@ checkpoint in 1 GiB shards, then times, each in its own process so that peak RSS
 process's alone:
   - ``cp -r`` of the folder (the floor: read everything once, write everything once);
   - ``rehead convert --to mha`` (Llama-3.2-1B is GQA: K/V grow 4x) and ``--to moh`` without
-    calibration, and ``--to moh`` calibrated on --calib-tokens tokens;
+    calibration, ``--to moh`` calibrated on --calib-tokens tokens, and ``--to dha --kv-budget 0.25``
+    (planning pass, conversion pass, both calibrated);
   - transformers ``from_pretrained`` + ``save_pretrained`` of the same folder.
 
     python scripts/bench_convert.py --layers 4 8 16 --json runs/bench_convert.json
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+DHA_TOKENS = 4608  # DHA's statistics need twice the hidden size (2048) plus one: 9 blocks of 512
 WIDTH = dict(hidden=2048, intermediate=8192, heads=32, kv_heads=8, head_dim=64, vocab=128256)
 
 
@@ -108,6 +110,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--calib-tokens", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command (median time, max RSS)")
+    parser.add_argument("--only", nargs="+", help="run only the commands whose names contain one of these")
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)  # internal: write one checkpoint and exit
@@ -133,8 +136,12 @@ def main() -> None:
                 f"convert --to moh, calibrated on {args.calib_tokens} tokens": rehead + [
                     "convert", str(src), str(work / "moh-cal"), "--to", "moh", "--tokenizer", "smollm2-135m",
                     "--calib-tokens", str(args.calib_tokens)],
+                f"convert --to dha --kv-budget 0.25, calibrated on {DHA_TOKENS} tokens": rehead + [
+                    "convert", str(src), str(work / "dha"), "--to", "dha", "--kv-budget", "0.25",
+                    "--tokenizer", "smollm2-135m", "--calib-tokens", str(DHA_TOKENS)],
                 "from_pretrained + save_pretrained": [sys.executable, "-c", HF_ROUND_TRIP, str(src), str(work / "hf")],
             }
+            runs = {name: cmd for name, cmd in runs.items() if not args.only or any(o in name for o in args.only)}
             for name, cmd in runs.items():
                 out = Path(cmd[-1] if name.startswith(("cp", "from_pretrained")) else cmd[cmd.index(str(src)) + 1])
                 row[name] = measure_median(cmd, args.repeat, out)

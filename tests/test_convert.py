@@ -289,3 +289,13 @@ def test_a_killed_conversion_leaves_nothing(tiny, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_check_identity_passes_identity_settings_and_refuses_others(tiny, tmp_path, calib_file):
+    src = tiny("odd")
+    calib = dict(calib=str(calib_file), calib_tokens=256, calib_seq_len=128, check_identity=True)
+    out = convert(src, tmp_path / "all", to="moh", active_heads=9, shared_heads=2, **calib)
+    assert max(read_json(out / "rehead.json")["identity_error_per_layer"]) < 1e-5
+    with pytest.raises(ReheadError, match="layer 0 differs from the source"):
+        convert(src, tmp_path / "routed", to="moh", active_heads=5, shared_heads=2, **calib)
+    assert not (tmp_path / "routed").exists()

@@ -10,8 +10,10 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_dha import DHAConfig
+from .configuration_gda import GDAConfig
 from .configuration_moh import MoHConfig
 from .modeling_dha import DHAForCausalLM
+from .modeling_gda import GDAForCausalLM
 from .modeling_moh import MoHForCausalLM
 
 HERE = Path(__file__).parent
@@ -41,7 +43,11 @@ class Layout:
 
 LAYOUTS = {
     layout.name: layout
-    for layout in [Layout("moh", MoHConfig, MoHForCausalLM), Layout("dha", DHAConfig, DHAForCausalLM)]
+    for layout in [
+        Layout("moh", MoHConfig, MoHForCausalLM),
+        Layout("dha", DHAConfig, DHAForCausalLM),
+        Layout("gda", GDAConfig, GDAForCausalLM),
+    ]
 }
 BY_MODEL_TYPE = {layout.model_type: layout for layout in LAYOUTS.values()}
 

@@ -1,9 +1,10 @@
-"""Training-free held-out perplexity of smollm2-135m converted to MoH.
+"""Training-free held-out perplexity of smollm2-135m converted to a layout, next to the original.
 
 Calibration uses the built-in ``shakespeare`` text; perplexity is measured on text calibration
 never saw: ``shakespeare-heldout`` (other plays) and ``pydoc`` (Python's reference text).
 
-    python scripts/bench_moh_ppl.py --active-heads 7 --shared-heads 4 --json runs/bench_moh_ppl.json
+    python scripts/bench_ppl.py moh --json runs/bench_ppl_moh.json
+    python scripts/bench_ppl.py dha --json runs/bench_ppl_dha.json
 """
 
 import argparse
@@ -20,17 +21,28 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rehead import builtin, metrics, text
 from rehead.convert import convert
 
+# layout -> {row name: convert options}
 VARIANTS = {
-    "query-norm router, first heads shared": dict(shared="first", router="query-norm"),
-    "query-norm router, calibrated shared heads": dict(shared="calibrated", router="query-norm"),
-    "learned router (fitted), calibrated shared heads": dict(shared="calibrated", router="learned"),
+    "moh": {
+        "query-norm router, first heads shared": dict(active_heads=7, shared_heads=4, shared="first"),
+        "query-norm router, calibrated shared heads": dict(active_heads=7, shared_heads=4),
+        "learned router (fitted), calibrated shared heads": dict(active_heads=7, shared_heads=4, router="learned"),
+    },
+    "dha": {
+        f"{name}, budget {budget}": dict(kv_budget=budget, **options)
+        for budget in (0.6667, 0.3334)
+        for name, options in {
+            "mean-pool": dict(fusion="mean"),
+            "optimal fusion": dict(),
+            "optimal fusion + refine 30": dict(refine_steps=30),
+        }.items()
+    },
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--active-heads", type=int, default=7)
-    parser.add_argument("--shared-heads", type=int, default=4)
+    parser.add_argument("layout", choices=sorted(VARIANTS))
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--texts", nargs="+", default=["shakespeare-heldout", "pydoc"])
@@ -46,30 +58,28 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         return {name: round(metrics.perplexity(model, b), 3) for name, b in blocks.items()}
 
-    rows = {"original (all 9 heads)": {**score(source), "convert_seconds": None}}
+    rows = {"original": {**score(source), "convert_seconds": None}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, values in VARIANTS.items():
+        for name, options in VARIANTS[args.layout].items():
             start = time.perf_counter()
-            out = convert("smollm2-135m", Path(tmp) / name.replace(" ", "_"), to="moh",
-                          active_heads=args.active_heads, shared_heads=args.shared_heads,
-                          calib_tokens=args.calib_tokens, **values)
+            out = convert("smollm2-135m", Path(tmp) / "out", to=args.layout, calib_tokens=args.calib_tokens,
+                          overwrite=True, **options)
             seconds = round(time.perf_counter() - start, 1)
-            rows[name] = {**score(out), "convert_seconds": seconds}
-            print(name, rows[name], flush=True)
+            plan = json.loads((out / "rehead.json").read_text())["plan"]
+            rows[name] = {**score(out), "convert_seconds": seconds, "plan": plan}
+            print(name, {k: v for k, v in rows[name].items() if k != "plan"}, flush=True)
 
-    base = rows["original (all 9 heads)"]
-    header = " | ".join(f"{t} ppl | ×" for t in args.texts)
-    print(f"\n| variant ({args.active_heads} of 9 heads: {args.shared_heads} shared + top-"
-          f"{args.active_heads - args.shared_heads}) | {header} |")
-    print("|---|" + "---|---|" * len(args.texts))
+    base = rows["original"]
+    print("\n| variant | " + " | ".join(f"{t} ppl | ×" for t in args.texts) + " | convert s |")
+    print("|---|" + "---|---|" * len(args.texts) + "---|")
     for name, row in rows.items():
         cells = " | ".join(f"{row[t]:.2f} | {row[t] / base[t]:.2f}" for t in args.texts)
-        print(f"| {name} | {cells} |")
+        print(f"| {name} | {cells} | {row['convert_seconds'] or ''} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "args": vars(args) | {"json": str(args.json)}, "rows": rows,
+            "torch": torch.__version__, "args": {**vars(args), "json": str(args.json)}, "rows": rows,
         }, indent=2))
 
 

@@ -1,0 +1,163 @@
+"""GDA: Grouped Differential Attention (Lim et al. 2025, arXiv 2510.06949).
+
+The LLaMA decoder stack with differential attention: signal head i keeps its own attention map
+A1_i; the noise-control head n(i) of its group computes one map A2_n, which is subtracted,
+scaled by a learnable λ_i, from every signal head of the group:
+
+    out_i = (A1_i − λ_i · A2_n(i)) · V_i
+
+The noise map is computed once per noise head: its value is the concatenation of the distinct
+V heads of its group. λ starts at exactly 0, where the layer is the source's attention.
+
+This file travels inside converted checkpoints: it imports only torch and transformers.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_gda import GDAConfig
+
+
+class NoiseAttention(nn.Module):
+    """The noise-control heads' own queries and keys; passed to the attention kernels as their module."""
+
+    def __init__(self, config: GDAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_causal = True
+        self.num_key_value_groups = 1
+        self.head_dim = config.head_dim
+        width = config.gda_noise_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+
+
+class GDAAttention(LlamaAttention):
+    def __init__(self, config: GDAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        heads, kv, noise = config.num_attention_heads, config.num_key_value_heads, config.gda_noise_heads
+        self.noise = NoiseAttention(config, layer_idx)
+        self.diff_lambda = nn.Parameter(torch.zeros(heads))  # λ_i, a plain parameter: non-zero gradient at step 0
+        if config.gda_subln:
+            self.subln = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        ratio, group = heads // noise, heads // kv
+        kv_of = [i // group for i in range(heads)]
+        # the distinct V heads of each noise group, and where signal head i finds its noise output
+        self.noise_values = [sorted({kv_of[i] for i in range(n * ratio, (n + 1) * ratio)}) for n in range(noise)]
+        width = len(self.noise_values[0])
+        self.noise_slot = [(i // ratio) * width + self.noise_values[i // ratio].index(kv_of[i]) for i in range(heads)]
+        self._index = {}
+
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._index:
+            self._index[device] = (
+                torch.tensor([j for values in self.noise_values for j in values], dtype=torch.long, device=device),
+                torch.tensor(self.noise_slot, dtype=torch.long, device=device),
+            )
+        return self._index[device]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        noise_query = self.noise.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        noise_key = self.noise.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        noise_query, noise_key = apply_rotary_pos_emb(noise_query, noise_key, cos, sin)
+        kv = key_states.shape[1]
+        if cache is not None:  # noise keys are cached beside the signal keys; values are shared
+            keys, value_states = cache.update(torch.cat([key_states, noise_key], 1), value_states, self.layer_idx)
+            key_states, noise_key = keys[:, :kv], keys[:, kv:]
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        dropout = 0.0 if not self.training else self.attention_dropout
+        signal, attn_weights = attention_interface(
+            self, query_states, key_states, value_states, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+        )
+        values, slots = self._indices(value_states.device)
+        batch, _, length, dim = value_states.shape
+        noise_values = value_states.index_select(1, values).view(batch, len(self.noise_values), -1, length, dim)
+        noise_values = noise_values.permute(0, 1, 3, 2, 4).flatten(3)  # (B, noise, S, width·d): one map, all Vs
+        noise, _ = attention_interface(
+            self.noise, noise_query, noise_key, noise_values, attention_mask, dropout=dropout, scaling=self.scaling,
+            **kwargs,
+        )
+        noise = noise.reshape(*input_shape, -1, self.head_dim).index_select(2, slots)  # (B, T, H, d)
+        attn_output = signal - self.diff_lambda.view(1, 1, -1, 1).to(signal.dtype) * noise
+        if self.config.gda_subln:
+            attn_output = (1 - self.config.gda_lambda_init) * self.subln(attn_output)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class GDADecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: GDAConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = GDAAttention(config, layer_idx)
+
+
+class GDAPreTrainedModel(LlamaPreTrainedModel):
+    config_class = GDAConfig
+    _no_split_modules = ["GDADecoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, GDAAttention):
+            nn.init.zeros_(module.diff_lambda)
+
+
+class GDAModel(GDAPreTrainedModel, LlamaModel):
+    def __init__(self, config: GDAConfig):
+        LlamaPreTrainedModel.__init__(self, config)  # LlamaModel's own __init__ would build Llama layers
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([GDADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class GDAForCausalLM(GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    def __init__(self, config: GDAConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = GDAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+__all__ = ["GDAForCausalLM", "GDAModel", "GDAPreTrainedModel"]
