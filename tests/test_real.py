@@ -60,3 +60,8 @@ def test_dha_finds_the_repeated_heads_of_the_mha_form(smollm2, tmp_path, heldout
     plan = json.loads((out / "rehead.json").read_text())["plan"]
     assert plan["key_heads_per_layer"] == [3] * 30 == plan["value_heads_per_layer"]
     assert (run(out, heldout[:2]) - run(smollm2, heldout[:2])).abs().max().item() <= 1e-3
+
+
+def test_gda_grow_at_lambda_zero_is_the_real_model(smollm2, tmp_path, heldout):
+    out = convert("smollm2-135m", tmp_path / "gda", to="gda", ratio=3)
+    assert (run(out, heldout[:2]) - run(smollm2, heldout[:2])).abs().max().item() <= 1e-4

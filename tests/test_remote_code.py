@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import logits
 
@@ -43,9 +44,18 @@ LOAD_AND_GENERATE = textwrap.dedent(
 )
 
 
-def test_converted_moh_loads_without_rehead(tiny, tmp_path, calib_file):
-    out = convert(tiny("gqa"), tmp_path / "moh", to="moh", active_heads=4, shared_heads=2, router="learned",
-                  calib=str(calib_file), calib_tokens=512, calib_seq_len=128)
+LAYOUTS = {
+    "moh": ("MoHForCausalLM", dict(to="moh", active_heads=4, shared_heads=2, router="learned")),
+    "dha": ("DHAForCausalLM", dict(to="dha", k_budget=0.5, v_budget=1.0)),
+    "gda": ("GDAForCausalLM", dict(to="gda", ratio=3, subln=True)),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_converted_checkpoint_loads_without_rehead(tiny, tmp_path, calib_file, layout):
+    model_class, options = LAYOUTS[layout]
+    out = convert(tiny("gqa"), tmp_path / layout, calib=str(calib_file), calib_tokens=512, calib_seq_len=128,
+                  **options)
     ids = [[5, 17, 99, 3, 250, 42, 7]]
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
@@ -54,6 +64,6 @@ def test_converted_moh_loads_without_rehead(tiny, tmp_path, calib_file):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["class"] == "MoHForCausalLM" and report["new_tokens"] == 6
+    assert report["class"] == model_class and report["new_tokens"] == 6
     here = logits(out, torch.tensor(ids))[0, -1]  # loaded through rehead's registration instead
     torch.testing.assert_close(torch.tensor(report["logits"]), here, atol=1e-5, rtol=1e-5)

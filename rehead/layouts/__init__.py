@@ -31,7 +31,7 @@ class Layout:
 
     @property
     def files(self) -> list[Path]:
-        return [HERE / f"configuration_{self.name}.py", HERE / f"modeling_{self.name}.py"]
+        return [HERE / f"configuration_{self.name}.py", HERE / f"modeling_{self.name}.py", HERE / "modeling_stack.py"]
 
     @property
     def auto_map(self) -> dict[str, str]:

@@ -25,12 +25,12 @@ from transformers.models.llama.modeling_llama import (
     LlamaModel,
     LlamaPreTrainedModel,
     LlamaRMSNorm,
-    LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
 from .configuration_gda import GDAConfig
+from .modeling_stack import init_causal_lm, init_stack
 
 
 class NoiseAttention(nn.Module):
@@ -140,24 +140,12 @@ class GDAPreTrainedModel(LlamaPreTrainedModel):
 
 class GDAModel(GDAPreTrainedModel, LlamaModel):
     def __init__(self, config: GDAConfig):
-        LlamaPreTrainedModel.__init__(self, config)  # LlamaModel's own __init__ would build Llama layers
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([GDADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        init_stack(self, config, GDADecoderLayer)
 
 
 class GDAForCausalLM(GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     def __init__(self, config: GDAConfig):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = GDAModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        init_causal_lm(self, config, GDAModel)
 
 
 __all__ = ["GDAForCausalLM", "GDAModel", "GDAPreTrainedModel"]

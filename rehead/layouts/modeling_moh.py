@@ -21,13 +21,12 @@ from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaModel,
     LlamaPreTrainedModel,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
 from .configuration_moh import MoHConfig
+from .modeling_stack import init_causal_lm, init_stack
 
 
 class MoHAttention(LlamaAttention):
@@ -153,24 +152,12 @@ class MoHPreTrainedModel(LlamaPreTrainedModel):
 
 class MoHModel(MoHPreTrainedModel, LlamaModel):
     def __init__(self, config: MoHConfig):
-        LlamaPreTrainedModel.__init__(self, config)  # LlamaModel's own __init__ would build Llama layers
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList([MoHDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
+        init_stack(self, config, MoHDecoderLayer)
 
 
 class MoHForCausalLM(MoHPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     def __init__(self, config: MoHConfig):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = MoHModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        init_causal_lm(self, config, MoHModel)
 
     def layout_loss(self) -> torch.Tensor | None:
         """β·Σ_layers of the load-balance losses of the last training forward (learned router only)."""
