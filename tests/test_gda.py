@@ -8,7 +8,7 @@ from conftest import logits, read_json
 from safetensors.torch import load_file, save_file
 
 import rehead  # noqa: F401
-import rehead.layouts.modeling_gda as modeling_gda
+import rehead.layouts.modeling_stack as modeling_stack
 from rehead.convert import convert
 from rehead.errors import ReheadError
 from rehead.inspect import describe
@@ -90,13 +90,13 @@ def test_fast_path_matches_the_formula(attn, shape, subln):
 def test_noise_map_is_computed_once_per_noise_head(monkeypatch):
     model = gda_model(6, 6, 2, attn="eager")  # MHA: each noise head serves 3 signal heads with 3 different Vs
     calls = []
-    original = modeling_gda.eager_attention_forward
+    original = modeling_stack.eager_attention_forward
 
     def counting(module, query, key, value, *args, **kwargs):
         calls.append((type(module).__name__, query.shape[1], value.shape[-1]))
         return original(module, query, key, value, *args, **kwargs)
 
-    monkeypatch.setattr(modeling_gda, "eager_attention_forward", counting)
+    monkeypatch.setattr(modeling_stack, "eager_attention_forward", counting)
     with torch.no_grad():
         model(torch.randint(0, 50, (1, 5)))
     noise_calls = [c for c in calls if c[0] == "NoiseAttention"]

@@ -12,12 +12,10 @@ V heads of its group. λ starts at exactly 0, where the layer is the source's at
 This file travels inside converted checkpoints: it imports only torch and transformers.
 """
 
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -25,12 +23,10 @@ from transformers.models.llama.modeling_llama import (
     LlamaModel,
     LlamaPreTrainedModel,
     LlamaRMSNorm,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
 )
 
 from .configuration_gda import GDAConfig
-from .modeling_stack import init_causal_lm, init_stack
+from .modeling_stack import attend, init_causal_lm, init_stack, project
 
 
 class NoiseAttention(nn.Module):
@@ -83,37 +79,18 @@ class GDAAttention(LlamaAttention):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        noise_query = self.noise.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        noise_key = self.noise.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        noise_query, noise_key = apply_rotary_pos_emb(noise_query, noise_key, cos, sin)
+        query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
+        noise_query, noise_key = project(self.noise, hidden_states, position_embeddings, values=False)
         kv = key_states.shape[1]
         if cache is not None:  # noise keys are cached beside the signal keys; values are shared
             keys, value_states = cache.update(torch.cat([key_states, noise_key], 1), value_states, self.layer_idx)
             key_states, noise_key = keys[:, :kv], keys[:, kv:]
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        dropout = 0.0 if not self.training else self.attention_dropout
-        signal, attn_weights = attention_interface(
-            self, query_states, key_states, value_states, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
-        )
+        signal, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask, **kwargs)
         values, slots = self._indices(value_states.device)
         batch, _, length, dim = value_states.shape
         noise_values = value_states.index_select(1, values).view(batch, len(self.noise_values), -1, length, dim)
         noise_values = noise_values.permute(0, 1, 3, 2, 4).flatten(3)  # (B, noise, S, width·d): one map, all Vs
-        noise, _ = attention_interface(
-            self.noise, noise_query, noise_key, noise_values, attention_mask, dropout=dropout, scaling=self.scaling,
-            **kwargs,
-        )
+        noise, _ = attend(self, self.noise, noise_query, noise_key, noise_values, attention_mask, **kwargs)
         noise = noise.reshape(*input_shape, -1, self.head_dim).index_select(2, slots)  # (B, T, H, d)
         attn_output = signal - self.diff_lambda.view(1, 1, -1, 1).to(signal.dtype) * noise
         if self.config.gda_subln:

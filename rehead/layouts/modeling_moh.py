@@ -9,24 +9,20 @@ token picks its top-k routed heads.
 This file travels inside converted checkpoints: it imports only torch and transformers.
 """
 
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers import GenerationMixin
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaModel,
     LlamaPreTrainedModel,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
 )
 
 from .configuration_moh import MoHConfig
-from .modeling_stack import init_causal_lm, init_stack
+from .modeling_stack import attend, init_causal_lm, init_stack, project
 
 
 class MoHAttention(LlamaAttention):
@@ -100,35 +96,14 @@ class MoHAttention(LlamaAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        gates = None if self.all_active else self.gates(hidden_states, query_states)
-
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
+        gates = None if self.all_active else self.gates(hidden_states, query_states)  # RoPE keeps the norms
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        attn_output, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask, **kwargs)
         if gates is not None:  # attn_output: (B, T, H, d)
             attn_output = attn_output * gates.unsqueeze(-1).to(attn_output.dtype)
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
 

@@ -4,8 +4,18 @@ This file travels inside converted checkpoints beside the layout's files: it imp
 and transformers.
 """
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaPreTrainedModel, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 
 def init_stack(model, config, layer_class) -> None:
@@ -28,3 +38,23 @@ def init_causal_lm(model, config, model_class) -> None:
     model.vocab_size = config.vocab_size
     model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
     model.post_init()
+
+
+def project(module, hidden_states: torch.Tensor, position_embeddings, values: bool = True) -> list[torch.Tensor]:
+    """``module``'s queries, keys (rotated by RoPE) and values, each (batch, heads, seq, head_dim)."""
+    shape = (*hidden_states.shape[:-1], -1, module.head_dim)
+    names = ("q_proj", "k_proj", "v_proj") if values else ("q_proj", "k_proj")
+    states = [getattr(module, name)(hidden_states).view(shape).transpose(1, 2) for name in names]
+    cos, sin = position_embeddings
+    states[0], states[1] = apply_rotary_pos_emb(states[0], states[1], cos, sin)
+    return states
+
+
+def attend(attention, module, query, key, value, attention_mask, **kwargs):
+    """The configured attention kernel (eager, sdpa, flash when installed) over ``module``'s heads;
+    returns the output as (batch, seq, heads, value_dim) and the weights (eager only)."""
+    interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, eager_attention_forward
+    )
+    dropout = 0.0 if not attention.training else attention.attention_dropout
+    return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=attention.scaling, **kwargs)
