@@ -46,7 +46,10 @@ def cmd_convert(args) -> int:
         options = ConvertOptions(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as e:
         raise _options_error(e) from None
+    from rehead.inspect import describe, format_text
+
     out = convert(args.src, args.out, options)
+    print(format_text(describe(out)))
     print(f"wrote {out}")
     return 0
 
