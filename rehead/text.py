@@ -1,6 +1,6 @@
 """Text for calibration, training and held-out perplexity, and its tokenization into blocks.
 
-A text spec is one of (several joined with commas):
+A text spec is one of these, or several joined with commas (which then share a token budget equally):
 - a built-in name: ``shakespeare`` (the plays and poems less the held-out ones),
   ``shakespeare-heldout`` (Hamlet, Macbeth, The Tempest, Twelfth Night, the Sonnets: never
   used for calibration or training by default), ``pydoc`` (Python's reference text);
@@ -82,10 +82,17 @@ def _dataset(name, config, split, column, **kwargs) -> Iterator[str]:
 
 
 def token_ids(tokenizer, spec: str, n_tokens: int) -> torch.Tensor:
-    """The first ``n_tokens`` tokens of the text, documents joined by the EOS token. 1-D long tensor."""
+    """``n_tokens`` tokens of the text, documents joined by the EOS token; a spec of several texts
+    joined with commas takes an equal share from each. 1-D long tensor."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    shares = [n_tokens // len(parts) + (1 if i < n_tokens % len(parts) else 0) for i in range(len(parts))]
+    return torch.cat([_first_tokens(tokenizer, part, share) for part, share in zip(parts, shares)])
+
+
+def _first_tokens(tokenizer, spec: str, n_tokens: int) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for doc in documents(spec):
+    for doc in _documents(spec):
         ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)

@@ -99,3 +99,12 @@ def test_perplexity_command_compares_models(tiny, tmp_path, calib_file, capsys):
     assert code == 0
     values = [float(line.split()[1]) for line in out.splitlines()[1:]]
     assert len(values) == 2 and values[0] == pytest.approx(values[1], rel=1e-5) and values[0] > 1
+
+
+def test_several_texts_share_the_token_budget(tmp_path):
+    (tmp_path / "a.txt").write_text("a" * 50)
+    (tmp_path / "b.txt").write_text("b" * 50)
+    tok = byte_tokenizer()
+    ids = text.token_ids(tok, f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", 9)
+    a, b = tok("a").input_ids[0], tok("b").input_ids[0]
+    assert ids.tolist() == [a] * 5 + [b] * 4
