@@ -67,8 +67,9 @@ class Calibration:
 
 @dataclass
 class LayerInput:
-    """What a rewriter gets for layer ``index``: its tensors (names relative to the layer) and, when
-    it asked for calibration, the source layer ready to run and its calibration inputs."""
+    """What a rewriter gets for layer ``index``: its tensors (names relative to the layer: all of them
+    when calibrating, else those its ``needs_tensor`` asks for) and, when calibrating, the source layer
+    ready to run and its calibration inputs."""
 
     index: int
     tensors: dict[str, torch.Tensor]
@@ -99,7 +100,14 @@ class Rewriter:
     def plan_budget(self) -> None:
         """Called once after the planning pass, before the conversion pass."""
 
+    def needs_tensor(self, name: str) -> bool:
+        """Whether the rewriter needs this layer tensor (name relative to the layer) when no
+        calibration runs; the others are copied unchanged without being read."""
+        return name.startswith("self_attn.")
+
     def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
+        """The layer's tensors in the target layout (names relative to the layer); a tensor it was
+        given and returns as the same object is written as the source's bytes."""
         raise NotImplementedError
 
     def layer_module(self, index: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -239,9 +247,10 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
                 rotary = LlamaRotaryEmbedding(llama_config).to(device)
                 calibration = Calibration(hidden, rotary(hidden, positions))
 
-        def read_layer(index: int) -> dict[str, torch.Tensor]:
+        def read_layer(index: int, everything: bool = True) -> dict[str, torch.Tensor]:
             prefix = f"model.layers.{index}."
-            return {k.removeprefix(prefix): v for k, v in reader.get_many(layer_names[index]).items()}
+            names = [n for n in layer_names[index] if everything or rewriter.needs_tensor(n.removeprefix(prefix))]
+            return {k.removeprefix(prefix): v for k, v in reader.get_many(names).items()}
 
         if rewriter.needs_planning:  # a first pass on the source's own activations
             planning = Calibration(calibration.hidden.clone(), calibration.position_embeddings)
@@ -256,7 +265,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
 
         for index in tqdm(range(n_layers), desc=f"convert → {rewriter.layout}", unit="layer"):
             prefix = f"model.layers.{index}."
-            tensors = read_layer(index)
+            tensors = read_layer(index, everything=calibration is not None)  # the source layer runs on all
             layer = LayerInput(index, tensors)
             if calibration is not None:
                 layer.source_layer = build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
@@ -270,6 +279,9 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
                 del converted
             for name, tensor in new.items():
                 write(prefix + name, tensor, unchanged=tensor is tensors.get(name))
+            for name in layer_names[index]:  # what the rewriter did not read, it did not change
+                if name.removeprefix(prefix) not in tensors:
+                    write(name, None, unchanged=True)
             del layer, new, tensors
         reader.close()
         writer.finish()

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--calib-tokens", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command (median time, max RSS)")
-    parser.add_argument("--only", nargs="+", help="run only the commands whose names contain one of these")
+    parser.add_argument("--only", nargs="+", help="run only the commands whose names match one of these regexes")
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)  # internal: write one checkpoint and exit
@@ -141,7 +142,7 @@ def main() -> None:
                     "--tokenizer", "smollm2-135m", "--calib-tokens", str(DHA_TOKENS)],
                 "from_pretrained + save_pretrained": [sys.executable, "-c", HF_ROUND_TRIP, str(src), str(work / "hf")],
             }
-            runs = {name: cmd for name, cmd in runs.items() if not args.only or any(o in name for o in args.only)}
+            runs = {name: cmd for name, cmd in runs.items() if not args.only or any(re.fullmatch(o, name) for o in args.only)}
             for name, cmd in runs.items():
                 out = Path(cmd[-1] if name.startswith(("cp", "from_pretrained")) else cmd[cmd.index(str(src)) + 1])
                 row[name] = measure_median(cmd, args.repeat, out)

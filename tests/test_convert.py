@@ -299,3 +299,15 @@ def test_check_identity_passes_identity_settings_and_refuses_others(tiny, tmp_pa
     with pytest.raises(ReheadError, match="layer 0 differs from the source"):
         convert(src, tmp_path / "routed", to="moh", active_heads=5, shared_heads=2, **calib)
     assert not (tmp_path / "routed").exists()
+
+
+def test_tensors_a_conversion_does_not_change_are_copied_unread(tiny, tmp_path, monkeypatch):
+    from rehead.checkpoint import CheckpointReader
+
+    src = tiny("gqa")
+    read, original = [], CheckpointReader.get
+    monkeypatch.setattr(CheckpointReader, "get", lambda self, name: read.append(name) or original(self, name))
+    out = convert(src, tmp_path / "mha", to="mha")
+    assert read and all(".self_attn." in name for name in read)
+    source, converted = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(converted[n], t) for n, t in source.items() if ".mlp." in n or "norm" in n)
