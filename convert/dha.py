@@ -27,8 +27,7 @@ from rehead.layouts.configuration_dha import DHAConfig
 from rehead.layouts.modeling_dha import DHAAttention, DHADecoderLayer
 
 from .dha_fusion import LayerFusion, agglomerate, augmented, equal_groups
-from .engine import LayerInput, Rewriter, build_layer
-from .moh import GENERIC_KEYS
+from .engine import LayerInput, Rewriter, build_layer, layout_config_json, llama_values
 
 HEATMAP_LAYERS = 3
 PROBE_SEQUENCES = 4  # calibration sequences on which the planning pass measures attention errors
@@ -305,9 +304,7 @@ class DHARewriter(Rewriter):
         return {**tensors, **{k: v for k, v in refined.items() if k in tensors}}
 
     def config(self) -> DHAConfig:
-        values = self.llama.to_dict()
-        for key in ("model_type", "transformers_version", "architectures", "dtype"):
-            values.pop(key, None)
+        values = llama_values(self.llama)
         done = len(self.key_maps)  # layers not converted yet keep the source's grouping
         counts = (self.per_layer or [])[:done] + [(self.kv, self.kv)] * (self.layers - done)
         config = DHAConfig(
@@ -328,10 +325,7 @@ class DHARewriter(Rewriter):
             config = mha_config(self.source_config)
             config["num_key_value_heads"] = self.per_layer[0][0]
             return config
-        config = {k: v for k, v in self.config().to_dict().items() if k not in GENERIC_KEYS}
-        config["architectures"] = [LAYOUTS["dha"].model_class.__name__]
-        config["auto_map"] = LAYOUTS["dha"].auto_map
-        return config
+        return layout_config_json(self.config(), "dha")
 
     def plan(self) -> dict:
         keys = sum(k for k, _ in self.per_layer)

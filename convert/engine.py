@@ -33,6 +33,7 @@ from rehead.checkpoint import (
 )
 from rehead.errors import ReheadError
 from rehead.heads import LAYER_RE
+from rehead.layouts import LAYOUTS
 from rehead.sources import Source, resolve
 
 from .options import DTYPES, ConvertOptions
@@ -168,6 +169,26 @@ def check_identity(index: int, source: nn.Module, converted: nn.Module, calibrat
             f"{IDENTITY_TOLERANCE:g}): these options do not preserve the function; nothing was written"
         )
     return error
+
+
+# PreTrainedConfig's task and output settings: noise in a causal LM's config.json
+GENERIC_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
+                "output_attentions", "output_hidden_states", "problem_type", "return_dict")
+
+
+def llama_values(llama_config) -> dict:
+    """The source's LLaMA form as keyword arguments for a layout's config class."""
+    values = llama_config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "dtype"):
+        values.pop(key, None)
+    return values
+
+
+def layout_config_json(config, layout: str) -> dict:
+    """config.json of a checkpoint in ``layout``: the config less generic keys, with its architecture
+    and the auto_map that lets transformers load it without rehead."""
+    values = {k: v for k, v in config.to_dict().items() if k not in GENERIC_KEYS}
+    return {**values, "architectures": [LAYOUTS[layout].model_class.__name__], "auto_map": LAYOUTS[layout].auto_map}
 
 
 def output_dtype(options: ConvertOptions, config: dict) -> torch.dtype:

@@ -16,8 +16,7 @@ from rehead.layouts import LAYOUTS
 from rehead.layouts.configuration_gda import GDAConfig
 from rehead.layouts.modeling_gda import GDADecoderLayer
 
-from .engine import LayerInput, Rewriter, build_layer, head_statistics
-from .moh import GENERIC_KEYS
+from .engine import LayerInput, Rewriter, build_layer, head_statistics, layout_config_json, llama_values
 
 def aligned(size: int, group: int) -> bool:
     """A group of ``size`` consecutive heads lies inside one KV group, or is a whole number of them."""
@@ -72,9 +71,7 @@ class GDARewriter(Rewriter):
         return self.options.mode == "repurpose"
 
     def config(self) -> GDAConfig:
-        values = self.llama.to_dict()
-        for key in ("model_type", "transformers_version", "architectures", "dtype"):
-            values.pop(key, None)
+        values = llama_values(self.llama)
         values.update(num_attention_heads=self.signal_heads, num_key_value_heads=self.kv_out, head_dim=self.head_dim)
         config = GDAConfig(**values, gda_noise_heads=self.noise_heads, gda_subln=self.options.subln)
         config._attn_implementation = "sdpa"
@@ -127,10 +124,7 @@ class GDARewriter(Rewriter):
         return build_layer(GDADecoderLayer, self.config(), index, tensors, self.options.device)
 
     def target_config(self) -> dict:
-        config = {k: v for k, v in self.config().to_dict().items() if k not in GENERIC_KEYS}
-        config["architectures"] = [LAYOUTS["gda"].model_class.__name__]
-        config["auto_map"] = LAYOUTS["gda"].auto_map
-        return config
+        return layout_config_json(self.config(), "gda")
 
     def plan(self) -> dict:
         return {

@@ -22,13 +22,10 @@ from rehead.layouts import LAYOUTS
 from rehead.layouts.configuration_moh import MoHConfig
 from rehead.layouts.modeling_moh import MoHDecoderLayer
 
-from .engine import LayerInput, Rewriter, build_layer, head_statistics
+from .engine import LayerInput, Rewriter, build_layer, head_statistics, layout_config_json, llama_values
 from .options import head_count
 
 ROUTER_SCALE = 0.02
-# PreTrainedConfig's task and output settings: noise in a causal LM's config.json
-GENERIC_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
-                "output_attentions", "output_hidden_states", "problem_type", "return_dict")
 RIDGE = 1e-3
 
 
@@ -89,9 +86,7 @@ class MoHRewriter(Rewriter):
         return self.routing and (self.options.shared == "calibrated" or self.options.router == "learned")
 
     def config(self, shared: list[list[int]]) -> MoHConfig:
-        values = self.llama.to_dict()
-        for key in ("model_type", "transformers_version", "architectures", "dtype"):
-            values.pop(key, None)
+        values = llama_values(self.llama)
         layers = self.llama.num_hidden_layers
         config = MoHConfig(
             **values,
@@ -136,10 +131,7 @@ class MoHRewriter(Rewriter):
         return build_layer(MoHDecoderLayer, self.config(self.shared), index, tensors, self.options.device)
 
     def target_config(self) -> dict:
-        config = {k: v for k, v in self.config(self.shared).to_dict().items() if k not in GENERIC_KEYS}
-        config["architectures"] = [LAYOUTS["moh"].model_class.__name__]
-        config["auto_map"] = LAYOUTS["moh"].auto_map
-        return config
+        return layout_config_json(self.config(self.shared), "moh")
 
     def plan(self) -> dict:
         return {
