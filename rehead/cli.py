@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -73,6 +74,16 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from rehead.tune import load, tune
+
+    recipe = load(args.recipe, args.overrides)
+    out = tune(recipe)
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, one process reports
+        print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rehead", description="Rewrite a trained LLaMA-family checkpoint's attention into MoH, DHA or GDA heads."
@@ -128,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-shard-gb", type=float, help="largest output shard in GiB (default 2)")
     g.add_argument("--overwrite", action="store_true", default=None, help="replace OUT if it exists")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("tune", help="continue-train a converted checkpoint from a YAML recipe (also under accelerate launch)")
+    p.add_argument("recipe", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-5 train.max_steps=20")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("perplexity", help="held-out perplexity of one or more models on the same text")
     p.add_argument("models", nargs="+", help="models (the first is the reference for the ratio column)")

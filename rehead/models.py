@@ -10,9 +10,9 @@ from rehead.sources import resolve
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load(spec: str, dtype: str = "fp32", device: str = "cpu", attn: str = "sdpa"):
+def load(spec: str, dtype: str = "fp32", device: str = "cpu", attn: str = "sdpa", revision: str | None = None):
     """(model, tokenizer, source) for a built-in name, folder or hub id; the tokenizer may be None."""
-    source = resolve(spec)
+    source = resolve(spec, revision)
     read_config(source.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -1,6 +1,9 @@
 """Tiny random checkpoints of every source shape, a byte-level tokenizer for them, and the real model."""
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -107,4 +110,49 @@ def save_pickled(folder: Path) -> None:
     (folder / "model.safetensors").unlink()
 
 
-__all__ = ["VARIANTS", "byte_tokenizer", "logits", "make_checkpoint", "read_json", "save_file", "save_pickled"]
+BLOCK_REHEAD = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class NoRehead(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "rehead" or name.startswith("rehead."):
+                raise ImportError("rehead is not installed here")
+
+    sys.meta_path.insert(0, NoRehead())
+    """
+)
+
+LOAD_AND_GENERATE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    try:
+        import rehead
+        raise SystemExit("rehead was importable")
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        logits = model(ids).logits
+    generated = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    print(json.dumps({"class": type(model).__name__, "logits": logits[0, -1].tolist(),
+                      "new_tokens": generated.shape[1] - ids.shape[1]}))
+    """
+)
+
+
+def load_without_rehead(folder: Path, ids: list[list[int]], tmp_path: Path) -> dict:
+    """Loads ``folder`` with trust_remote_code in a subprocess where ``import rehead`` fails, as a user
+    without rehead would, and generates; returns {"class", "logits" (last position), "new_tokens"}."""
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_REHEAD + LOAD_AND_GENERATE, str(folder), json.dumps(ids)],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+__all__ = ["VARIANTS", "byte_tokenizer", "load_without_rehead", "logits", "make_checkpoint", "read_json", "save_file", "save_pickled"]

@@ -90,6 +90,9 @@ class DHAModel(DHAPreTrainedModel, LlamaModel):
 
 
 class DHAForCausalLM(DHAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    # what the conversion made (rehead tune's `trainable: new`): the fused key and value projections
+    _rehead_new_parameters = (r"\.self_attn\.[kv]_proj\.",)
+
     def __init__(self, config: DHAConfig):
         init_causal_lm(self, config, DHAModel)
 

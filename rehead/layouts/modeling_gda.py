@@ -121,6 +121,9 @@ class GDAModel(GDAPreTrainedModel, LlamaModel):
 
 
 class GDAForCausalLM(GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    # what the conversion added (rehead tune's `trainable: new`): noise heads, λ, the optional sub-norm
+    _rehead_new_parameters = (r"\.self_attn\.noise\.", r"\.self_attn\.diff_lambda$", r"\.self_attn\.subln\.")
+
     def __init__(self, config: GDAConfig):
         init_causal_lm(self, config, GDAModel)
 

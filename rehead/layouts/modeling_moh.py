@@ -131,6 +131,9 @@ class MoHModel(MoHPreTrainedModel, LlamaModel):
 
 
 class MoHForCausalLM(MoHPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    # what the conversion added (rehead tune's `trainable: new`): the learned router
+    _rehead_new_parameters = (r"\.self_attn\.router_",)
+
     def __init__(self, config: MoHConfig):
         init_causal_lm(self, config, MoHModel)
 

@@ -1,0 +1,1 @@
+"""rehead.eval: score a converted model against its original with lm-evaluation-harness."""

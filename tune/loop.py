@@ -1,0 +1,368 @@
+"""The training loop: one CPU process, or ``accelerate launch`` over GPUs (DDP, FSDP2) and nodes.
+
+    output_dir/
+      recipe.yaml                 the resolved recipe
+      checkpoints/step-00000050/  accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
+      log.csv | tensorboard/ ...  the trackers
+      metrics.jsonl               every logged value (main process)
+      model/                      the exported model, in its layout's checkpoint format
+"""
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rehead import export, models, text
+from rehead.errors import ReheadError
+
+from .data import PackedBlocks, StreamedBlocks, pack
+from .losses import Objective
+from .meter import CSVTracker, detect_peak_tflops, flops_per_token, peak_memory_bytes
+from .recipe import Recipe
+
+log = logging.getLogger("rehead.tune")
+STEP_DIR = re.compile(r"step-(\d+)$")
+STATE = "trainer_state.json"
+
+
+def lr_factor(recipe: Recipe, total: int):
+    o = recipe.optim
+    floor = o.min_lr / o.lr
+
+    def factor(step: int) -> float:  # step: optimizer steps taken so far
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        if o.schedule == "wsd":
+            decay = max(1, round(total * o.decay_fraction))
+            start = total - decay
+            if step < start:
+                return 1.0
+            return floor + (1 - floor) * max(0.0, (total - step) / decay)
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        if o.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def select_trainable(model, mode: str, lora: bool) -> list[str]:
+    """Sets requires_grad by ``trainable``; returns the names of the trainable parameters."""
+    base = model.get_base_model() if lora else model
+    if mode == "new":
+        patterns = getattr(type(base), "_rehead_new_parameters", None)
+        if not patterns:
+            raise ReheadError(
+                f"trainable: new, but {type(base).__name__} has no parameters added by a conversion "
+                "(a stock checkpoint); use trainable: attention or all"
+            )
+    elif mode == "attention":
+        patterns = (r"\.self_attn\.",)
+    for name, param in model.named_parameters():
+        if lora:
+            wanted = "lora_" in name or (mode == "new" and any(re.search(p, name) for p in patterns))
+        else:
+            wanted = mode == "all" or any(re.search(p, name) for p in patterns)
+        param.requires_grad_(wanted)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise ReheadError(f"trainable: {mode} selects no parameters of {type(base).__name__}; use trainable: all")
+    return names
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    found = [p for p in root.glob("step-*") if STEP_DIR.search(p.name) and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.search(p.name).group(1)))
+
+
+def _fault(step: int) -> None:
+    """Test hook: REHEAD_FAULT=kill-after-step:N kills the process (SIGKILL) once step N is done."""
+    fault = os.environ.get("REHEAD_FAULT", "")
+    if fault.startswith("kill-after-step:") and step == int(fault.split(":")[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.recipe = recipe
+        self.out = Path(recipe.output_dir).expanduser()
+        trackers = {"none": None, "csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}[recipe.log]
+        self.csv = None
+        if recipe.log == "csv":
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.csv = CSVTracker("rehead", self.out)
+            trackers = [self.csv]
+        try:
+            self.acc = Accelerator(
+                mixed_precision="bf16" if recipe.precision == "bf16" else "no",
+                # several processes and no GPU (torchrun --nproc_per_node N on CPUs): gloo over the CPU
+                cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+                log_with=trackers,
+                project_dir=str(self.out),
+            )
+        except (ImportError, ValueError) as e:
+            raise ReheadError(f"log: {recipe.log}: the tracker could not start ({e}); install it or use log: csv") from None
+        set_seed(recipe.seed)
+        if not log.isEnabledFor(logging.DEBUG):  # accelerate logs every file it saves at INFO
+            logging.getLogger("accelerate").setLevel(logging.WARNING)
+        self.device = self.acc.device
+        self.ckpt_root = self.out / "checkpoints"
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _load(self):
+        r = self.recipe
+        model, tokenizer, source = models.load(r.model, "fp32", "cpu", attn=r.attn_implementation, revision=r.revision)
+        if tokenizer is None:
+            raise ReheadError(f"model {r.model}: has no tokenizer; tuning needs one to read data.train")
+        teacher = None
+        if r.teacher is not None and r.loss.kd > 0:
+            teacher, teacher_tok, _ = models.load(r.teacher, "bf16" if r.precision == "bf16" else "fp32", "cpu",
+                                                  attn=r.attn_implementation)
+            if teacher_tok is None or teacher_tok.get_vocab() != tokenizer.get_vocab():
+                raise ReheadError(
+                    f"teacher {r.teacher}: its tokenizer differs from the model's ({r.model}); distillation compares "
+                    "the two models' distributions token by token, so both must use the same tokenizer"
+                )
+            if teacher.config.vocab_size != model.config.vocab_size:
+                raise ReheadError(
+                    f"teacher {r.teacher}: vocabulary of {teacher.config.vocab_size} tokens, the model's has "
+                    f"{model.config.vocab_size}; distillation needs the same vocabulary"
+                )
+            teacher.requires_grad_(False)
+        return model, tokenizer, source, teacher
+
+    def _data(self, tokenizer, total_steps: int | None):
+        r, world = self.recipe, self.acc.num_processes
+        if r.data.streaming:
+            train = StreamedBlocks(tokenizer, r.data.train, r.data.seq_len, r.seed, r.data.shuffle_buffer,
+                                   r.train.micro_batch, r.train.grad_accum, world)
+        else:
+            per_step = r.train.micro_batch * r.train.grad_accum * world
+            train = PackedBlocks(pack(tokenizer, r.data.train, r.data.seq_len, total_steps * per_step),
+                                 r.seed, r.train.micro_batch, r.train.grad_accum, world)
+        held = None
+        if r.data.eval is not None:
+            held = text.blocks(tokenizer, r.data.eval, r.data.eval_tokens, r.data.seq_len)
+        return train, held
+
+    def total_steps(self) -> int:
+        r = self.recipe
+        if r.train.max_steps is not None:
+            return r.train.max_steps
+        per_step = r.train.micro_batch * r.train.grad_accum * self.acc.num_processes * r.data.seq_len
+        return max(1, math.ceil(r.train.max_tokens / per_step))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _resume_from(self) -> Path | None:
+        r = self.recipe
+        if r.resume == "never":
+            if _checkpoints(self.ckpt_root):
+                raise ReheadError(
+                    f"output_dir {self.out} holds checkpoints of an earlier run and resume is never; "
+                    "use resume: auto to continue it, or another output_dir"
+                )
+            return None
+        if r.resume == "auto":
+            found = _checkpoints(self.ckpt_root)
+            return found[-1] if found else None
+        path = Path(r.resume).expanduser()
+        if not (path / STATE).is_file():
+            raise ReheadError(f"resume: {r.resume} is not a rehead tune checkpoint (no {STATE} in it)")
+        return path
+
+    def save_checkpoint(self, step: int, state: dict) -> Path:
+        final = self.ckpt_root / f"step-{step:08d}"
+        tmp = self.ckpt_root / f".step-{step:08d}.partial"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)  # complete checkpoints only: a kill mid-save leaves a .partial that is ignored
+            for old in _checkpoints(self.ckpt_root)[: -self.recipe.train.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, objective, held: torch.Tensor) -> float:
+        objective.eval()
+        rank, world = self.acc.process_index, self.acc.num_processes
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        mine = held[rank::world]
+        batch = self.recipe.train.micro_batch
+        for start in range(0, len(mine), batch):
+            ids = mine[start : start + batch].to(self.device)
+            out = objective(ids)
+            total[0] += out["lm"].double() * out["tokens"]
+            total[1] += out["tokens"]
+        objective.train()
+        total = self.acc.reduce(total, reduction="sum")
+        return math.exp(total[0].item() / total[1].item())
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(self) -> Path:
+        r, acc = self.recipe, self.acc
+        total = self.total_steps()
+        resume = self._resume_from()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for partial in self.ckpt_root.glob(".step-*.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
+            (self.out / "recipe.yaml").write_text(r.dump())
+        model, tokenizer, source, teacher = self._load()
+        train, held = self._data(tokenizer, total)
+        if r.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if r.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
+                                                     target_modules=r.lora.target_modules, task_type="CAUSAL_LM"))
+        names = select_trainable(model, r.trainable, r.lora is not None)
+        flops = flops_per_token(model.get_base_model() if r.lora else model, r.data.seq_len)
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": r.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=r.optim.lr, betas=r.optim.betas, eps=r.optim.eps,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(r, total))
+        objective = Objective(model, teacher, r.loss.lm, r.loss.kd, r.loss.kd_temperature, r.loss.layout,
+                              r.loss.chunk_tokens)
+        objective, optimizer = acc.prepare(objective, optimizer)
+        # the scheduler is stepped by hand (once per optimizer step on every process) and is not saved:
+        # its state is a function of the step, and accelerate would pickle it (loaded with weights_only=False)
+        if teacher is not None:
+            teacher.to(self.device).eval()
+        if r.log != "none":
+            acc.init_trackers("rehead", config={"model": r.model, "layout": export.layout_of(model.config) or "stock",
+                                                "lr": r.optim.lr, "seq_len": r.data.seq_len})
+
+        step, tokens_seen, history = 0, 0, []
+        if resume is not None:
+            acc.load_state(str(resume))
+            state = json.loads((resume / STATE).read_text())
+            step, tokens_seen, history = state["step"], state["tokens"], state["history"]
+            with warnings.catch_warnings():  # stepping a scheduler without its optimizer is the point here
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(step):
+                    scheduler.step()
+            if self.csv is not None and acc.is_main_process:
+                self.csv.truncate(step)
+            log.info("resumed from %s at step %d", resume, step)
+        peak = r.train.peak_tflops or detect_peak_tflops(self.device)
+        tokens_per_step = train.per_step * r.data.seq_len
+        log.info("tuning %s: %d trainable tensors, %d steps of %d tokens on %d process(es)",
+                 r.model, len(names), total, tokens_per_step, acc.num_processes)
+
+        def record(values: dict, at: int) -> None:
+            acc.log(values, step=at)
+            if acc.is_main_process:
+                with (self.out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps({"step": at, **values}) + "\n")
+
+        if step == 0 and held is not None:
+            ppl = self.evaluate(objective, held)
+            history.append({"step": 0, "eval_ppl": ppl})
+            record({"kind": "eval", "eval_ppl": ppl}, 0)
+        last_good = resume
+        bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="tune", unit="step")
+        objective.train()
+        rank = acc.process_index
+        while step < total:
+            started = time.perf_counter()
+            micro = train.micro_batches(step, rank)
+            sums = torch.zeros(3, device=self.device)
+            for i, ids in enumerate(micro):
+                sync = i == len(micro) - 1
+                with nullcontext() if sync else acc.no_sync(objective):
+                    out = objective(ids.to(self.device))
+                    acc.backward(out["loss"] / len(micro))
+                sums += torch.stack([out["loss"].detach(), out["lm"], out["kd"]]) / len(micro)
+            grad_norm = acc.clip_grad_norm_(objective.parameters(), r.optim.clip) if r.optim.clip else None
+            sums = acc.reduce(sums, reduction="mean")
+            if not torch.isfinite(sums).all():
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+                raise ReheadError(
+                    f"the loss became {sums[0].item()} at step {step + 1} (lm {sums[1].item()}, kd {sums[2].item()}); "
+                    f"stopped before the update; {where}. Lower optim.lr, raise optim.warmup_steps, or use precision: fp32"
+                )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+            elapsed = time.perf_counter() - started
+            tps = tokens_per_step / elapsed
+            values = {"kind": "train", "loss": sums[0].item(), "lm": sums[1].item(), "kd": sums[2].item(), "lr": lr,
+                      "tokens": tokens_seen, "tokens_per_s": tps,
+                      "peak_memory_gb": peak_memory_bytes(self.device) / 2**30}
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            if peak:
+                values["mfu"] = tps * flops / (peak * 1e12 * acc.num_processes)
+            if step % r.train.log_every == 0 or step == total:
+                record(values, step)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            if held is not None and ((r.train.eval_every and step % r.train.eval_every == 0) or step == total):
+                ppl = self.evaluate(objective, held)
+                history.append({"step": step, "eval_ppl": ppl})
+                record({"kind": "eval", "eval_ppl": ppl}, step)
+                bar.write(f"step {step}: held-out perplexity {ppl:.3f}") if acc.is_main_process else None
+            if (r.train.save_every and step % r.train.save_every == 0) or step == total:
+                last_good = self.save_checkpoint(step, {"step": step, "tokens": tokens_seen, "history": history})
+            _fault(step)
+        bar.close()
+        final = self.export(objective, tokenizer, source, step, tokens_seen, history)
+        acc.end_training()
+        return final
+
+    def export(self, objective, tokenizer, source, step: int, tokens: int, history: list) -> Path:
+        r, acc = self.recipe, self.acc
+        acc.wait_for_everyone()
+        student = acc.unwrap_model(objective).student
+        state = None
+        if r.lora is not None:
+            student = student.merge_and_unload()
+        else:
+            state = acc.get_state_dict(objective)  # gathered on the main process (FSDP shards included)
+            if state is not None:
+                state = {k.removeprefix("student."): v for k, v in state.items()}
+        out = self.out / "model"
+        if acc.is_main_process:
+            export.save(student, out, source.path, {"tune": {
+                "recipe": json.loads(json.dumps(r.model_dump(mode="json"))),
+                "steps": step, "tokens": tokens, "eval": history,
+            }}, tokenizer=tokenizer, state_dict=state, overwrite=True)
+            log.info("wrote %s", out)
+        acc.wait_for_everyone()
+        return out
+
+
+def tune(recipe: Recipe) -> Path:
+    return Trainer(recipe).run()
