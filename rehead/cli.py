@@ -84,6 +84,45 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from rehead.eval import evaluate
+    from rehead.eval.report import table
+
+    outcome = evaluate(args.candidate, args.baseline, args.tasks, args.suite, args.num_fewshot, args.limit,
+                       args.batch_size, args.device, args.dtype, args.out, args.bootstrap_iters, not args.no_cache)
+    print(table(outcome.rows, outcome.average_retention, *_names(outcome)))
+    print(f"wrote {outcome.out}/results.json, report.md, report.png")
+    if args.min_retention is not None:
+        average = outcome.average_retention
+        if average is None or average < args.min_retention:
+            print(f"rehead eval: average retention {average if average is None else round(average, 2)}% is below "
+                  f"--min-retention {args.min_retention}%", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _names(outcome) -> tuple[str, str]:
+    results = json.loads((outcome.out / "results.json").read_text())
+    return results["baseline"]["model"], results["candidate"]["model"]
+
+
+def cmd_push(args) -> int:
+    from pathlib import Path
+
+    from rehead.hub import push
+
+    result = push(Path(args.dir), args.repo, args.private, args.revision, args.create_pr, args.message,
+                  args.dry_run, not args.no_load_check)
+    if args.dry_run:
+        print(result["card"])
+        print(f"--dry-run: would upload {len(result['files'])} files to {args.repo}:")
+        for name in result["files"]:
+            print(f"  {name}")
+        return 0
+    print(f"pushed {len(result['files'])} files to {args.repo}: {result['url']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rehead", description="Rewrite a trained LLaMA-family checkpoint's attention into MoH, DHA or GDA heads."
@@ -145,6 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-5 train.max_steps=20")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("eval", help="score a candidate against its baseline with lm-evaluation-harness")
+    p.add_argument("candidate", help="the converted (or tuned) model: folder, built-in name or hub id")
+    p.add_argument("--baseline", help="the original (default: the source named in the candidate's rehead.json)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tasks", help="lm-eval task names, comma-separated")
+    g.add_argument("--suite", help="moh14, commonsense or offline")
+    p.add_argument("--num-fewshot", type=int, help="shots for every task (default: the suite's, or 0)")
+    p.add_argument("--limit", type=float, help="examples per task (a count, or a fraction below 1)")
+    p.add_argument("--batch-size", default="1", help="N or auto (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--out", help="report folder (default: CANDIDATE/eval for a local candidate)")
+    p.add_argument("--min-retention", type=float, metavar="PERCENT",
+                   help="exit with status 1 when the average retention is below this percentage, e.g. 95")
+    p.add_argument("--bootstrap-iters", type=int, default=1000, help="bootstrap samples for stderrs (default 1000)")
+    p.add_argument("--no-cache", action="store_true", help="score the baseline even if cached results exist")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("push", help="check, card and upload a checkpoint to the Hugging Face Hub")
+    p.add_argument("dir", help="the checkpoint folder (from rehead convert or rehead tune)")
+    p.add_argument("--repo", required=True, help="ORG/NAME on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="branch to push to (created if needed)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--dry-run", action="store_true", help="print the card and the files; touch no network")
+    p.add_argument("--no-load-check", action="store_true", help="skip loading the checkpoint before the upload")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("perplexity", help="held-out perplexity of one or more models on the same text")
     p.add_argument("models", nargs="+", help="models (the first is the reference for the ratio column)")
     p.add_argument("--text", default="shakespeare-heldout", help="text spec (default shakespeare-heldout)")
@@ -157,7 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAIN_PID = os.getpid()
+
+
 def _terminated(signum, frame):
+    if os.getpid() != MAIN_PID:  # a forked worker (datasets, lm-eval) ended by its parent: end quietly
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise KeyboardInterrupt
 
 
@@ -165,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    global MAIN_PID
+    MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _terminated)  # a killed run cleans up like Ctrl-C
     try:
         return args.func(args)

@@ -63,3 +63,21 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Source:
             "download it where the Hub is reachable, or pass a local folder"
         ) from None
     return Source(repo_id, Path(path), Path(path).name)  # the snapshot folder is named by its commit
+
+
+def card_metadata(folder: Path, source_id: str) -> dict:
+    """The source's licence and Hub id, from its model card's front matter where it has one."""
+    from huggingface_hub import ModelCard
+
+    license, hub_id = None, (source_id if HUB_ID.match(source_id) and not Path(source_id).exists() else None)
+    readme = Path(folder) / "README.md"
+    if readme.is_file():
+        try:
+            data = ModelCard.load(readme).data
+            license = data.get("license")
+            hub_id = hub_id or data.get("base_model")
+        except Exception:  # a README without (valid) front matter: nothing known
+            pass
+    if isinstance(hub_id, list):
+        hub_id = hub_id[0] if hub_id else None
+    return {"license": license, "hub_id": hub_id}

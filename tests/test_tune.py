@@ -1,6 +1,5 @@
 """rehead tune: the loop learns, resumes bit for bit, distils, trains only what it is told, and exports."""
 
-import copy
 import json
 import os
 import re

@@ -1,0 +1,140 @@
+"""rehead eval: lm-eval on candidate and baseline, the comparison table, the cache, the offline suite."""
+
+import json
+import struct
+import zlib
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from rehead.cli import main  # noqa: E402
+from rehead.errors import ReheadError  # noqa: E402
+from rehead.eval import evaluate, harness, offline  # noqa: E402
+from rehead.eval.report import compare  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Cached baseline results go to a fresh folder; the offline data stay in the shared cache."""
+    monkeypatch.setattr(harness.ResultCache, "__init__",
+                        lambda self, root=None: setattr(self, "root", tmp_path / "eval-cache"))
+
+
+def png_ok(path) -> bool:
+    data = path.read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    pos = 8
+    while pos < len(data):  # every chunk's CRC checks out, and it ends with IEND
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        if zlib.crc32(kind + body) != crc:
+            return False
+        pos += 12 + length
+        if kind == b"IEND":
+            return pos == len(data)
+    return False
+
+
+def test_offline_data_is_real_held_out_text():
+    folder = offline.data_folder()
+    ppl = [json.loads(line) for line in (folder / "shakespeare_ppl.jsonl").read_text().splitlines()]
+    cloze = [json.loads(line) for line in (folder / "cloze.jsonl").read_text().splitlines()]
+    assert len(ppl) == 200 and len(cloze) >= 100
+    assert any("Ham." in d["text"] for d in ppl)  # Hamlet is among the held-out plays
+    for doc in cloze:  # LAMBADA's property: the target occurs in the context
+        assert doc["target"].lower() in doc["context"].lower() and doc["target"].isalpha()
+
+
+def test_a_model_against_itself_retains_everything_and_the_cache_is_used(tiny, tmp_path, monkeypatch):
+    src = tiny("gqa")
+    outcome = evaluate(str(src), str(src), suite="offline", limit=8, out=tmp_path / "ev")
+    assert not outcome.baseline_cached
+    assert {r["task"] for r in outcome.rows} == set(offline.OFFLINE_TASKS)
+    assert all(r["delta"] == 0 and r["retention"] == 100.0 for r in outcome.rows)
+    assert outcome.average_retention == 100.0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    table = (tmp_path / "ev" / "report.md").read_text()
+    for row in results["comparison"]:  # the table and the JSON agree
+        assert f"| {row['task']} | {row['metric']} " in table
+        line = next(l for l in table.splitlines() if l.startswith(f"| {row['task']} | {row['metric']} "))
+        assert float(line.split("|")[3]) == pytest.approx(row["baseline"], rel=1e-3)
+    raw = results["candidate"]["results"]["results"]["rehead_cloze"]
+    assert [r["candidate"] for r in results["comparison"] if r["task"] == "rehead_cloze" and r["metric"] == "acc"] \
+        == [raw["acc,none"]]
+    assert png_ok(tmp_path / "ev" / "report.png")
+
+    def no_baseline_run(*args, **kwargs):
+        raise AssertionError("the baseline was evaluated again")
+
+    calls = []
+    real_run = harness.run
+    monkeypatch.setattr(harness, "run", lambda model, *a, **k: calls.append(1) or real_run(model, *a, **k))
+    again = evaluate(str(src), str(src), suite="offline", limit=8, out=tmp_path / "ev2")
+    assert again.baseline_cached and len(calls) == 1  # the candidate only
+    assert again.rows == outcome.rows
+
+
+def test_a_different_model_shows_deltas_and_the_gate_fails(tiny, tmp_path, capsys):
+    base, other = tiny("gqa", seed=0), tiny("gqa", seed=3)
+    code = main(["eval", str(other), "--baseline", str(base), "--tasks", "rehead_cloze,rehead_pydoc_ppl",
+                 "--limit", "6", "--out", str(tmp_path / "ev"), "--min-retention", "100.5"])
+    out = capsys.readouterr()
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    ppl = next(r for r in results["comparison"] if r["metric"] == "word_perplexity")
+    assert ppl["delta"] != 0 and ppl["retention"] == pytest.approx(100 * ppl["baseline"] / ppl["candidate"])
+    average = results["average_retention"]
+    assert ("below --min-retention" in out.err) == (average < 100.5)
+    assert code == (1 if average < 100.5 else 0)
+    assert "| **average** |" in out.out
+
+
+def test_compare_handles_both_directions():
+    base = {"results": {"t": {"acc,none": 0.5, "acc_stderr,none": 0.03, "word_perplexity,none": 10.0}},
+            "higher_is_better": {"t": {"acc": True, "word_perplexity": False}}}
+    cand = {"results": {"t": {"acc,none": 0.45, "acc_stderr,none": 0.04, "word_perplexity,none": 12.5}},
+            "higher_is_better": base["higher_is_better"]}
+    rows, average = compare(base, cand, ["t"])
+    acc = next(r for r in rows if r["metric"] == "acc")
+    ppl = next(r for r in rows if r["metric"] == "word_perplexity")
+    assert acc["retention"] == pytest.approx(90.0) and acc["stderr"] == pytest.approx(0.05) and acc["primary"]
+    assert ppl["retention"] == pytest.approx(80.0) and not ppl["primary"]
+    assert average == pytest.approx(90.0)
+
+
+def test_bad_names_list_the_known_ones(tiny):
+    with pytest.raises(ReheadError, match=r"unknown suite 'moh15'; the suites are moh14, commonsense, offline"):
+        evaluate(str(tiny("gqa")), suite="moh15")
+    with pytest.raises(ReheadError, match=r"'hellaswagg' \(did you mean hellaswag"):
+        evaluate(str(tiny("gqa")), tasks="hellaswagg")
+
+
+def test_a_hub_suite_without_the_hub_fails_fast(tiny, monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ReheadError, match=r"read their data from the Hugging Face Hub.*--suite offline"):
+        evaluate(str(tiny("gqa")), suite="commonsense")
+    assert time.monotonic() - started < 30
+
+
+def test_a_candidate_that_does_not_load_says_why(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ReheadError, match="broken"):
+        evaluate(str(broken), str(broken), suite="offline", limit=2)
+
+
+@pytest.mark.real
+def test_offline_suite_on_the_real_model(smollm2, tmp_path):
+    outcome = evaluate("smollm2-135m", "smollm2-135m", suite="offline", limit=4, out=tmp_path / "ev")
+    assert outcome.average_retention == 100.0
+    ppl = next(r for r in outcome.rows if r["task"] == "rehead_shakespeare_ppl" and r["metric"] == "word_perplexity")
+    bpb = next(r for r in outcome.rows if r["task"] == "rehead_shakespeare_ppl" and r["metric"] == "bits_per_byte")
+    assert 5 < ppl["baseline"] < 5000 and bpb["baseline"] < 1.5  # a trained model on English (random: 8 bits)
