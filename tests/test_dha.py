@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import logits, read_json
+from conftest import BLOCK_REHEAD, logits, read_json
 from safetensors.torch import load_file, save_file
-from test_remote_code import BLOCK_REHEAD
 
 import rehead  # noqa: F401
 from rehead.convert import convert

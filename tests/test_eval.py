@@ -133,8 +133,9 @@ def test_a_candidate_that_does_not_load_says_why(tmp_path):
 
 @pytest.mark.real
 def test_offline_suite_on_the_real_model(smollm2, tmp_path):
-    outcome = evaluate("smollm2-135m", "smollm2-135m", suite="offline", limit=4, out=tmp_path / "ev")
+    outcome = evaluate("smollm2-135m", "smollm2-135m", tasks="rehead_shakespeare_ppl,rehead_cloze", limit=3,
+                       out=tmp_path / "ev")
     assert outcome.average_retention == 100.0
     ppl = next(r for r in outcome.rows if r["task"] == "rehead_shakespeare_ppl" and r["metric"] == "word_perplexity")
     bpb = next(r for r in outcome.rows if r["task"] == "rehead_shakespeare_ppl" and r["metric"] == "bits_per_byte")
-    assert 5 < ppl["baseline"] < 5000 and bpb["baseline"] < 1.5  # a trained model on English (random: 8 bits)
+    assert 5 < ppl["baseline"] < 5000 and bpb["baseline"] < 2.5  # a trained model (uniform over the vocabulary: ~4.4)

@@ -288,3 +288,19 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tiny, tmp_path, c
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # it trained
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert result.stdout.count("wrote") == 1
+
+
+@pytest.mark.real
+def test_the_cpu_recipe_tunes_the_real_model_end_to_end(smollm2, tmp_path):
+    moh = convert("smollm2-135m", tmp_path / "moh", to="moh", shared="first")  # no calibration: fast
+    r = load(ROOT / "recipes" / "smollm2-135m-moh.yaml", [
+        f"model={moh}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.micro_batch=2",
+        "data.seq_len=64", "data.eval_tokens=256", "train.save_every=0", "train.eval_every=0",
+    ])
+    assert r.teacher == "smollm2-135m" and r.loss.kd > 0
+    out = tune(r)
+    evals = metrics(tmp_path / "run", "eval")
+    assert [e["step"] for e in evals] == [0, 2] and all(e["eval_ppl"] > 1 for e in evals)
+    assert all(row["kd"] > 0 for row in metrics(tmp_path / "run", "train"))
+    report = load_without_rehead(out, [[504, 3237, 314]], tmp_path)
+    assert report["class"] == "MoHForCausalLM" and report["new_tokens"] == 6
