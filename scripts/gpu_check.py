@@ -232,7 +232,7 @@ def main() -> int:
     quick = args.quick
     if quick:
         global CALIB_TOKENS
-        CALIB_TOKENS = 1024
+        CALIB_TOKENS = 2048
     shapes = ["smollm2-135m"] if quick else list(SHAPES)
 
     def models_of(shape: str) -> dict[str, str]:
