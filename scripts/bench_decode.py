@@ -20,11 +20,6 @@ from pathlib import Path
 
 import torch
 
-CONVERSIONS = {
-    "moh": dict(to="moh", router="learned"),
-    "dha": dict(to="dha", kv_budget=0.5),
-    "gda": dict(to="gda", ratio=3),
-}
 STATIC_OK = {"source", "moh"}
 
 
@@ -58,17 +53,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    import rehead  # noqa: F401  (registers the layouts)
-    from rehead import models, text
-    from rehead.convert import convert
+    from bench_common import conversions
 
-    work = Path(args.work)
-    specs = {"source": args.source}
-    for layout in [x for x in args.layouts.split(",") if x]:
-        folder = work / f"{Path(args.source).name}-{layout}"
-        if not (folder / "config.json").is_file():
-            convert(args.source, folder, **CONVERSIONS[layout], calib_tokens=4096)
-        specs[layout] = str(folder)
+    from rehead import models, text
+
+    specs = conversions(args.source, Path(args.work), [x for x in args.layouts.split(",") if x], calib_tokens=4096)
 
     rows = []
     for name, spec in specs.items():

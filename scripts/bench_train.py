@@ -15,13 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-CONVERSIONS = {
-    "moh": dict(to="moh", router="learned"),
-    "dha": dict(to="dha", kv_budget=0.5),
-    "gda": dict(to="gda", ratio=3),
-}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="smollm2-135m")
@@ -35,16 +28,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
-    from rehead.convert import convert
+    from bench_common import conversions
+
     from rehead.tune import load, tune
 
     work = Path(args.work)
-    models = {"source": args.source}
-    for layout in [x for x in args.layouts.split(",") if x]:
-        folder = work / f"{Path(args.source).name}-{layout}"
-        if not (folder / "config.json").is_file():
-            convert(args.source, folder, **CONVERSIONS[layout], calib_tokens=4096)
-        models[layout] = str(folder)
+    models = conversions(args.source, work, [x for x in args.layouts.split(",") if x], calib_tokens=4096)
 
     rows = []
     for name, model in models.items():

@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common
 SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
@@ -39,8 +40,6 @@ SHAPES = {
                          rope_theta=500000.0, max_position_embeddings=131072),
 }
 CALIB_TOKENS = 8192
-CONVERSIONS = {"moh": dict(to="moh", router="learned"), "dha": dict(to="dha", kv_budget=0.5),
-               "gda": dict(to="gda", ratio=3)}
 
 
 def import_rehead():
@@ -64,19 +63,6 @@ def import_rehead():
     return rehead
 
 
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-
-
 def random_model(shape: str, folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,20 +73,17 @@ def random_model(shape: str, folder: Path) -> Path:
     config = LlamaConfig(**SHAPES[shape], eos_token_id=256, pad_token_id=256, bos_token_id=None)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import byte_tokenizer  # the tests' byte-level tokenizer
+
     byte_tokenizer().save_pretrained(folder)
     return folder
 
 
 def conversions(source: Path, work: Path, device: str) -> dict[str, str]:
-    from rehead.convert import convert
+    from bench_common import conversions as make
 
-    out = {"source": str(source)}
-    for layout, options in CONVERSIONS.items():
-        folder = work / f"{source.name}-{layout}"
-        if not (folder / "config.json").is_file():
-            convert(str(source), folder, **options, calib="pydoc", calib_tokens=CALIB_TOKENS, device=device)
-        out[layout] = str(folder)
-    return out
+    return make(str(source), work, calib="pydoc", calib_tokens=CALIB_TOKENS, device=device)
 
 
 def check_bf16(models: dict[str, str], device: str) -> list[dict]:

@@ -225,3 +225,15 @@ def test_config_round_trips(tmp_path):
     again = MoHConfig.from_pretrained(tmp_path)
     assert (again.moh_active_heads, again.moh_shared_heads, again.moh_router) == (4, [[1], [0, 5]], "learned")
     assert LlamaConfig.from_pretrained(tmp_path).num_attention_heads == 6
+
+
+def test_router_logits_stay_float32_under_bf16_autocast():
+    from rehead.layouts.modeling_moh import _fp32
+
+    router = torch.nn.Linear(16, 4, bias=False)
+    x = torch.randn(2, 3, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _fp32(router, x)
+        plain = router(x)
+    assert out.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    torch.testing.assert_close(out, x.float() @ router.weight.T)

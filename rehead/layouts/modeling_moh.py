@@ -25,6 +25,13 @@ from .configuration_moh import MoHConfig
 from .modeling_stack import attend, init_causal_lm, init_stack, project
 
 
+def _fp32(router: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A router's logits in float32, whatever the model's dtype or autocast: in bf16, near-tied scores
+    would pick different heads than the float32 model does."""
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return nn.functional.linear(hidden_states.float(), router.weight.float())
+
+
 class MoHAttention(LlamaAttention):
     def __init__(self, config: MoHConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -70,13 +77,13 @@ class MoHAttention(LlamaAttention):
         # Learned router. Gates are scaled so that zero router weights give every active head gate 1
         # (rehead's identity at conversion): shared g_i = 2α_1·S·softmax(W_s x)_i,
         # routed g_i = 2α_2·k·renormalised top-k softmax(W_r x)_i.
-        probs = self.router_routed(hidden_states).float().softmax(dim=-1)
+        probs = _fp32(self.router_routed, hidden_states).softmax(dim=-1)
         top, index = probs.topk(self.top_k, dim=-1)
         routed_gates = torch.zeros_like(probs).scatter(-1, index, top / top.sum(dim=-1, keepdim=True))
         routed_gates = routed_gates * self.top_k
         if self.shared_heads:
-            mix = 2 * self.router_mix(hidden_states).float().softmax(dim=-1)
-            shared_gates = self.router_shared(hidden_states).float().softmax(dim=-1) * len(self.shared_heads)
+            mix = 2 * _fp32(self.router_mix, hidden_states).softmax(dim=-1)
+            shared_gates = _fp32(self.router_shared, hidden_states).softmax(dim=-1) * len(self.shared_heads)
             gates = gates.index_copy(-1, shared, shared_gates * mix[..., :1])
             routed_gates = routed_gates * mix[..., 1:]
         if self.training:  # load balance β·E·Σ P_i f_i; β is applied by the model
