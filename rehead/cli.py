@@ -81,6 +81,10 @@ def cmd_tune(args) -> int:
     recipe = load(args.recipe, args.overrides)
     out = tune(recipe)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, one process reports
+        history = json.loads((out / "rehead.json").read_text()).get("tune", {}).get("eval") or []
+        if len(history) > 1:
+            curve = " → ".join(f"{h['eval_ppl']:.2f}" for h in history)
+            print(f"held-out perplexity on {recipe.data.eval!r} at steps {[h['step'] for h in history]}: {curve}")
         print(f"wrote {out}")
     return 0
 

@@ -304,3 +304,17 @@ def test_the_cpu_recipe_tunes_the_real_model_end_to_end(smollm2, tmp_path):
     assert all(row["kd"] > 0 for row in metrics(tmp_path / "run", "train"))
     report = load_without_rehead(out, [[504, 3237, 314]], tmp_path)
     assert report["class"] == "MoHForCausalLM" and report["new_tokens"] == 6
+
+
+def test_a_streamed_run_trains_and_resumes_like_an_uninterrupted_one(tiny, tmp_path, calib_file):
+    src = tiny("gqa")
+    values = {"data.streaming": True, "data.shuffle_buffer": 16, "train.max_steps": 4, "train.save_every": 2}
+    straight = tune(recipe(tmp_path, src, calib_file, **values, output_dir=str(tmp_path / "a")))
+    cut = recipe(tmp_path, src, calib_file, **values, output_dir=str(tmp_path / "b"))
+    (tmp_path / "b.yaml").write_text(cut.dump())
+    killed = subprocess.run([sys.executable, "-m", "rehead", "tune", str(tmp_path / "b.yaml")], capture_output=True,
+                            env={**os.environ, "REHEAD_FAULT": "kill-after-step:2"}, cwd=tmp_path)
+    assert killed.returncode == -9
+    resumed = tune(load(tmp_path / "b.yaml"))
+    a, b, start = weights(straight), weights(resumed), weights(src)
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], start[k]) for k in a)
