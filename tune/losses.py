@@ -56,14 +56,14 @@ class Objective(nn.Module):
         for layer in getattr(decoder, "layers", []):  # layouts keep their per-forward auxiliary losses here
             if hasattr(layer.self_attn, "aux_loss"):
                 layer.self_attn.aux_loss = None
-        hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1].flatten(0, 1)
+        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
         labels = input_ids[:, 1:].flatten()
         want_kd = self.kd > 0 and self.teacher is not None
         teacher_hidden = teacher_head = None
         if want_kd:
             teacher_decoder, teacher_head = self._parts(self.teacher)
             with torch.no_grad():
-                teacher_hidden = teacher_decoder(input_ids=input_ids).last_hidden_state[:, :-1].flatten(0, 1)
+                teacher_hidden = teacher_decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
         totals = hidden.new_zeros(2, dtype=torch.float32)
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             stop = start + self.chunk_tokens
