@@ -17,7 +17,7 @@ STASH=/tmp/rehead-carry
 
 if [[ "${1:-}" == "--prepare" ]]; then   # here, on the development machine
     mkdir -p .whl runs/gpu-carry
-    for spec in pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 gguf==0.17.1; do
+    for spec in pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 gguf==0.19.0; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             --platform any -d .whl "$spec"
