@@ -12,12 +12,12 @@ CONVERSIONS = {
 
 def conversions(source: str, work: Path, layouts=tuple(CONVERSIONS), **options) -> dict[str, str]:
     """{"source": source, layout: folder}; each conversion is made into ``work`` unless it is there."""
-    from rehead.convert import convert
-
     out = {"source": str(source)}
     for layout in layouts:
         folder = Path(work) / f"{Path(source).name}-{layout}"
         if not (folder / "config.json").is_file():
+            from rehead.convert import convert  # only when one is missing (gpu_check's decode runs uninstalled)
+
             convert(str(source), folder, **CONVERSIONS[layout], **options)
         out[layout] = str(folder)
     return out
