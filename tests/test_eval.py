@@ -139,3 +139,15 @@ def test_offline_suite_on_the_real_model(smollm2, tmp_path):
     ppl = next(r for r in outcome.rows if r["task"] == "rehead_shakespeare_ppl" and r["metric"] == "word_perplexity")
     bpb = next(r for r in outcome.rows if r["task"] == "rehead_shakespeare_ppl" and r["metric"] == "bits_per_byte")
     assert 5 < ppl["baseline"] < 5000 and bpb["baseline"] < 2.5  # a trained model (uniform over the vocabulary: ~4.4)
+
+
+def test_a_baseline_with_another_tokenizer_is_warned_about(tiny, tmp_path, caplog):
+    from conftest import byte_tokenizer
+
+    base, cand = tiny("gqa"), tiny("gqa", seed=2)
+    tok = byte_tokenizer()
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(base)
+    with caplog.at_level("WARNING", logger="rehead.eval"):
+        outcome = evaluate(str(cand), str(base), tasks="rehead_cloze", limit=2, out=tmp_path / "ev")
+    assert "different tokenizers" in caplog.text and outcome.rows
