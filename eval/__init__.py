@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rehead import models
 from rehead.errors import ReheadError
+from rehead.sources import resolve
 
 from . import harness, offline, report
 from .suites import SUITES
@@ -98,8 +99,6 @@ def evaluate(candidate: str, baseline: str | None = None, tasks: str | None = No
     del cand_model
 
     cache = harness.ResultCache()
-    from rehead.sources import resolve
-
     base_src = resolve(baseline)
     started = time.perf_counter()
     key = cache.key(harness.model_hash(base_src.path), chosen, limit, dtype, configs)

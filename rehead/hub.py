@@ -6,6 +6,7 @@ or logged. One push is one commit: the Hub applies a commit whole or not at all.
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -79,8 +80,6 @@ def load_check(folder: Path, timeout: float = 1800) -> dict:
 
 
 def _clean_env() -> dict:
-    import os
-
     return {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
 
 

@@ -10,6 +10,7 @@ Like the CLI, this module knows every stage; the stages still meet only through 
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,8 +87,6 @@ def run(s: Settings) -> list[dict]:
             "train.keep_last": 1, "trainable": TRAINABLE[layout], "output_dir": str(work / f"tune-{layout}"),
             "resume": "never", "log": "csv",
         })
-        import shutil
-
         shutil.rmtree(work / f"tune-{layout}", ignore_errors=True)
         tuned = tune(recipe)
         history = json.loads((tuned / "rehead.json").read_text())["tune"]["eval"]
