@@ -318,3 +318,11 @@ def test_a_streamed_run_trains_and_resumes_like_an_uninterrupted_one(tiny, tmp_p
     resumed = tune(load(tmp_path / "b.yaml"))
     a, b, start = weights(straight), weights(resumed), weights(src)
     assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], start[k]) for k in a)
+
+
+def test_a_tracker_that_is_not_installed_is_refused(tiny, tmp_path, calib_file, monkeypatch):
+    from rehead.tune import loop
+
+    monkeypatch.setattr(loop, "tracker_available", lambda name: False)
+    with pytest.raises(ReheadError, match="log: wandb needs the wandb package: pip install wandb"):
+        tune(recipe(tmp_path, tiny("gqa"), calib_file, log="wandb"))

@@ -88,6 +88,12 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.search(p.name).group(1)))
 
 
+def tracker_available(name: str) -> bool:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    return {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]()
+
+
 def _fault(step: int) -> None:
     """Test hook: REHEAD_FAULT=kill-after-step:N kills the process (SIGKILL) once step N is done."""
     fault = os.environ.get("REHEAD_FAULT", "")
@@ -103,6 +109,10 @@ class Trainer:
         self.recipe = recipe
         self.out = Path(recipe.output_dir).expanduser()
         trackers = {"none": None, "csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}[recipe.log]
+        if trackers is not None and not tracker_available(trackers):
+            # accelerate would only warn and log nothing
+            raise ReheadError(f"log: {recipe.log} needs the {recipe.log} package: pip install {recipe.log} "
+                              "(or use log: csv, which needs nothing)")
         self.csv = None
         if recipe.log == "csv":
             self.out.mkdir(parents=True, exist_ok=True)
