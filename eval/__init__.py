@@ -71,7 +71,7 @@ def evaluate(candidate: str, baseline: str | None = None, tasks: str | None = No
              num_fewshot: int | None = None, limit: float | None = None, batch_size: str | int = 1,
              device: str = "cpu", dtype: str = "fp32", out: str | Path | None = None,
              bootstrap_iters: int = 1000, use_cache: bool = True) -> Outcome:
-    harness._import_lm_eval()
+    harness.require_lm_eval()
     chosen = resolve_tasks(tasks, suite, num_fewshot)
     batch = _batch_size(batch_size)
     if limit is not None and limit <= 0:
@@ -101,7 +101,7 @@ def evaluate(candidate: str, baseline: str | None = None, tasks: str | None = No
     cache = harness.ResultCache()
     base_src = resolve(baseline)
     started = time.perf_counter()
-    key = cache.key(harness.model_hash(base_src.path), chosen, limit, dtype, configs)
+    key = cache.key(cache.model_hash(base_src.path), chosen, limit, dtype, configs)
     timings["hash_baseline_s"] = time.perf_counter() - started
     baseline_raw = cache.get(key) if use_cache else None
     cached = baseline_raw is not None

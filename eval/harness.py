@@ -22,7 +22,7 @@ def lm_eval_version() -> str:
     return version("lm_eval")
 
 
-def _import_lm_eval():
+def require_lm_eval():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
@@ -61,20 +61,35 @@ def check_hub_reachable(names: list[str]) -> None:
     )
 
 
-def model_hash(folder: Path) -> str:
-    """One hash over config.json and the weight files (Hub-cached files reuse their blob's sha256)."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
-            digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
 class ResultCache:
     """Raw lm-eval results keyed by (model files' hash, task configs, shots, limit, dtype, lm-eval version)."""
 
     def __init__(self, root: Path | None = None):
         self.root = root or Path(os.environ.get("REHEAD_CACHE", Path.home() / ".cache" / "rehead")) / "eval-results"
+
+    def model_hash(self, folder: Path) -> str:
+        """One hash over config.json and the weight files. A file's sha256 is remembered by (path, size,
+        mtime), so re-scoring against a large local baseline does not read its weights again; Hub-cached
+        files reuse their blob's name."""
+        known_path = self.root / "file-hashes.json"
+        known = json.loads(known_path.read_text()) if known_path.is_file() else {}
+        digest, changed = hashlib.sha256(), False
+        for path in sorted(Path(folder).iterdir()):
+            if path.name == "config.json" or path.suffix in (".safetensors", ".bin"):
+                stat = path.stat()
+                key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+                if key not in known:
+                    known[key], changed = sha256_file(path), True
+                digest.update(f"{path.name}:{known[key]}\n".encode())
+        if changed:
+            self._write(known_path, known)
+        return digest.hexdigest()
+
+    def _write(self, path: Path, value: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
 
     def key(self, model_digest: str, tasks: dict[str, int], limit, dtype: str, configs: dict[str, dict]) -> str:
         described = {
@@ -92,10 +107,7 @@ class ResultCache:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def put(self, key: str, value: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(value))
-        tmp.replace(self.root / f"{key}.json")
+        self._write(self.root / f"{key}.json", value)
 
 
 def _jsonable(value):

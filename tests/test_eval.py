@@ -79,16 +79,32 @@ def test_a_model_against_itself_retains_everything_and_the_cache_is_used(tiny, t
 
 def test_a_different_model_shows_deltas_and_the_gate_fails(tiny, tmp_path, capsys):
     base, other = tiny("gqa", seed=0), tiny("gqa", seed=3)
-    code = main(["eval", str(other), "--baseline", str(base), "--tasks", "rehead_cloze,rehead_pydoc_ppl",
-                 "--limit", "6", "--out", str(tmp_path / "ev"), "--min-retention", "100.5"])
+    args = ["eval", str(other), "--baseline", str(base), "--tasks", "rehead_cloze,rehead_pydoc_ppl", "--limit", "6",
+            "--out", str(tmp_path / "ev")]
+    results_path = tmp_path / "ev" / "results.json"
+    assert main(args + ["--min-retention", "1"]) == 0
     out = capsys.readouterr()
-    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    results = json.loads(results_path.read_text())
     ppl = next(r for r in results["comparison"] if r["metric"] == "word_perplexity")
     assert ppl["delta"] != 0 and ppl["retention"] == pytest.approx(100 * ppl["baseline"] / ppl["candidate"])
+    assert "| **average** |" in out.out and "below --min-retention" not in out.err
     average = results["average_retention"]
-    assert ("below --min-retention" in out.err) == (average < 100.5)
-    assert code == (1 if average < 100.5 else 0)
-    assert "| **average** |" in out.out
+    assert main(args + ["--min-retention", str(average + 1)]) == 1  # the gate, just above what was measured
+    assert f"is below --min-retention {average + 1}%" in capsys.readouterr().err
+
+
+def test_baseline_files_are_hashed_once_and_again_when_they_change(tiny, monkeypatch):
+    src = tiny("gqa")
+    cache = harness.ResultCache()
+    calls = []
+    real = harness.sha256_file
+    monkeypatch.setattr(harness, "sha256_file", lambda path: calls.append(path) or real(path))
+    first = cache.model_hash(src)
+    assert len(calls) == 2  # config.json and model.safetensors
+    assert cache.model_hash(src) == first and len(calls) == 2  # remembered: nothing read again
+    config = src / "config.json"
+    config.write_text(config.read_text().replace('"vocab_size"', '"vocab_size" ', 1))
+    assert cache.model_hash(src) != first and len(calls) == 3
 
 
 def test_compare_handles_both_directions():

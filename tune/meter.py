@@ -53,9 +53,12 @@ class CSVTracker(GeneralTracker):
         self.run_name = run_name
         self.path = Path(logging_dir) / "log.csv"
         self.rows: list[dict] = []
+        self.fields: list[str] = []  # the header: every column seen, in order of appearance
         if self.path.is_file():
             with self.path.open() as f:
-                self.rows = list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                self.rows = list(reader)
+                self.fields = list(reader.fieldnames or [])
 
     @property
     def tracker(self):
@@ -70,27 +73,22 @@ class CSVTracker(GeneralTracker):
         self.rows = [r for r in self.rows if int(r["step"]) <= step]
         self._rewrite()
 
-    def _fields(self) -> list[str]:
-        fields: list[str] = []
-        for row in self.rows:
-            fields.extend(k for k in row if k not in fields)
-        return fields
-
     def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self._fields())
+            writer = csv.DictWriter(f, fieldnames=self.fields)
             writer.writeheader()
             writer.writerows(self.rows)
         tmp.replace(self.path)
 
     @on_main_process
     def log(self, values: dict, step: int | None = None, **kwargs):
-        before = self._fields()
         row = {"step": step, **values}
         self.rows.append(row)
-        if not self.path.is_file() or any(k not in before for k in row):
+        new = [k for k in row if k not in self.fields]
+        if new or not self.path.is_file():
+            self.fields.extend(new)
             self._rewrite()  # a new column: the header changes
             return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=before).writerow(row)
+        with self.path.open("a", newline="") as f:  # the usual case: one appended line, no rereading
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
