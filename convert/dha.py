@@ -16,18 +16,20 @@ grouped-query checkpoint. ``--fusion mean`` averages the members' weights (Ainsl
 import heapq
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from rehead import architectures
 from rehead.errors import ReheadError
 from rehead.heads import mha_config
-from rehead.layouts import LAYOUTS
 from rehead.layouts.configuration_dha import DHAConfig
 from rehead.layouts.modeling_dha import DHAAttention, DHADecoderLayer
 
 from .dha_fusion import LayerFusion, agglomerate, augmented, equal_groups
-from .engine import LayerInput, Rewriter, build_layer, layout_config_json, llama_values
+from .engine import LayerInput, Rewriter, build_layer, llama_values
+from .options import ConvertOptions
 
 HEATMAP_LAYERS = 3
 PROBE_SEQUENCES = 4  # calibration sequences on which the planning pass measures attention errors
@@ -52,27 +54,46 @@ def allocate(curves: dict, target: int, start: int) -> dict:
     return counts
 
 
-class DHARewriter(Rewriter):
-    layout = "dha"
+class DHAOptions(ConvertOptions):
+    to: Literal["dha"] = "dha"
+    kv_budget: float | None = Field(None, description="fraction of the source's key and value heads kept over all "
+                                                      "layers, spent where fusing costs least (e.g. 0.25)")
+    k_budget: float | None = Field(None, description="fraction of the key heads kept (with --v-budget)")
+    v_budget: float | None = Field(None, description="fraction of the value heads kept (with --k-budget)")
+    fusion: Literal["optimal", "mean"] = Field(
+        "optimal", description="optimal: closed-form least-squares fusion folded into q_proj and o_proj; "
+                               "mean: GQA mean-pooling (Ainslie et al. 2023)")
+    uniform: bool = Field(False, description="equal groups shared by K and V in every layer: a stock grouped-query "
+                                             "checkpoint")
+    refine_steps: int = Field(0, ge=0, description="layer-local refinement steps after the closed form")
+    refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
 
-    def setup(self, source_config: dict) -> None:
-        super().setup(source_config)
-        o = self.options
-        self.heads = source_config["num_attention_heads"]
-        self.kv = source_config.get("num_key_value_heads") or self.heads
-        self.layers = source_config["num_hidden_layers"]
-        self.reads = [i // (self.heads // self.kv) for i in range(self.heads)]
-        self.llama = architectures.llama_config(source_config)
-
-        given = {f: v for f, v in (("--kv-budget", o.kv_budget), ("--k-budget", o.k_budget), ("--v-budget", o.v_budget))
-                 if v is not None}
+    @model_validator(mode="after")
+    def _budgets(self):
+        given = {f: v for f, v in (("--kv-budget", self.kv_budget), ("--k-budget", self.k_budget),
+                                   ("--v-budget", self.v_budget)) if v is not None}
         if not given:
             raise ReheadError("--to dha needs a budget: --kv-budget F, or --k-budget F and --v-budget F")
-        if o.kv_budget is not None and len(given) > 1:
+        if self.kv_budget is not None and len(given) > 1:
             raise ReheadError("give either --kv-budget or --k-budget/--v-budget, not both")
         for flag, value in given.items():
             if not 0 < value <= 1:
                 raise ReheadError(f"{flag} {value:g}: must be in (0, 1], the fraction of the source's heads kept")
+        if self.uniform and self.kv_budget is None and self.k_budget != self.v_budget:
+            raise ReheadError("--uniform shares groups between K and V: give --kv-budget, or equal --k/--v budgets")
+        return self
+
+
+class DHARewriter(Rewriter):
+    layout = "dha"
+    Options = DHAOptions
+    preset = dict(kv_budget=0.5)  # half the KV cache
+    trainable = "attention"
+
+    def setup(self, source_config: dict) -> None:
+        super().setup(source_config)
+        o = self.options
+        self.reads = [i // (self.heads // self.kv) for i in range(self.heads)]
         self.joint = o.kv_budget is not None
         budgets = {"kv": o.kv_budget} if self.joint else {"k": o.k_budget or 1.0, "v": o.v_budget or 1.0}
         per_kind = self.layers * self.kv
@@ -87,8 +108,6 @@ class DHARewriter(Rewriter):
 
         self.per_layer = None  # (key heads, value heads) per layer, when the budget is uniform or planned
         if o.uniform:
-            if not self.joint and o.k_budget != o.v_budget:
-                raise ReheadError("--uniform shares groups between K and V: give --kv-budget, or equal --k/--v budgets")
             budget = next(iter(budgets.values()))
             heads = budget * self.kv
             divisors = [n for n in range(1, self.kv + 1) if self.kv % n == 0]
@@ -121,10 +140,6 @@ class DHARewriter(Rewriter):
     @property
     def needs_planning(self) -> bool:
         return self.needs_calibration and self.per_layer is None
-
-    @property
-    def layout_files(self) -> list[Path]:
-        return [] if self.options.uniform else LAYOUTS["dha"].files
 
     # ---- statistics ----
 
@@ -192,8 +207,7 @@ class DHARewriter(Rewriter):
         with torch.device("meta"):
             attn = DHAAttention(config, index)
         state = {k.removeprefix("self_attn."): v.to(self.options.device) for k, v in tensors.items()}
-        if "o_proj.bias" not in state and attn.o_proj.bias is not None:
-            state["o_proj.bias"] = torch.zeros(self.llama.hidden_size, device=self.options.device)
+        state = architectures.with_o_proj_bias(state, self.llama, prefix="")
         attn.load_state_dict(state, assign=True)
         return attn.eval()
 
@@ -252,9 +266,10 @@ class DHARewriter(Rewriter):
         attention, key_map, value_map = self.assemble(fusion, key_groups, value_groups, mean, self.options.uniform)
         tensors = {k: v for k, v in layer.tensors.items() if not k.startswith("self_attn.")}
         tensors.update(attention)
-        if self.llama.attention_bias and not (self.options.uniform and architectures.missing_bias(self.source_config)):
-            tensors["self_attn.o_proj.bias"] = layer.tensors.get("self_attn.o_proj.bias",
-                                                                 torch.zeros(self.llama.hidden_size))
+        if "self_attn.o_proj.bias" in layer.tensors:
+            tensors["self_attn.o_proj.bias"] = layer.tensors["self_attn.o_proj.bias"]
+        elif not self.options.uniform:  # a uniform result keeps the source's architecture, and so its biases
+            tensors = architectures.with_o_proj_bias(tensors, self.llama)
         self.key_maps.append(key_map)
         self.value_maps.append(value_map)
         if self.options.refine_steps and layer.calibration is not None:
@@ -325,7 +340,7 @@ class DHARewriter(Rewriter):
             config = mha_config(self.source_config)
             config["num_key_value_heads"] = self.per_layer[0][0]
             return config
-        return layout_config_json(self.config(), "dha")
+        return self.config().to_dict()
 
     def plan(self) -> dict:
         keys = sum(k for k, _ in self.per_layer)

@@ -1,4 +1,9 @@
-"""DHA's closed-form head fusion for one layer (DESIGN.md, "Appendix: the DHA fusion in formulas").
+"""DHA's closed-form head fusion for one layer: the least-squares optimum of fusing a group of heads.
+
+The DHA paper (Chen et al. 2024) learns its fusion weights during continued pretraining; here the
+fit is solved in closed form from calibration statistics, and every per-member map a linear map can
+keep is folded into the neighbouring projections (values into o_proj, keys into q_proj), so nothing
+is lost that the fused layer could still express. Identical heads fuse exactly.
 
 Everything is computed from C = E[x xᵀ] over the calibration tokens, x = [attention input, 1]
 (the 1 carries the biases), so a fit costs nothing per token. Head h of a projection is the
@@ -12,7 +17,12 @@ Values, a group S fused into one head:
 Keys, per RoPE pair t (rows t and t + d/2 as one complex row b_j^t = w_j^t + i·w_j^{t+d/2}):
     z_j = X b_j^t ∈ ℂ^N;  Z = [ω_j z_j]_{j∈S};  v = top eigenvector of ZᴴZ
     b_f^t = Σ_j v_j ω_j b_j^t;  c_j = conj(v_j) / ω_j, so z_j ≈ c_j z_f;  q_i^t ← q_i^t · conj(c_j)
-(a complex scale commutes with the RoPE rotation, so the fold into the queries is exact).
+HF's rotary embedding pairs coordinates t and t + d/2 (rotate-half), so RoPE multiplies each such
+pair, as one complex number, by e^{iθ_t·pos}. A complex scale commutes with that rotation, and
+Re(q · conj(c_j z_f)) = Re((q · conj(c_j)) · conj(z_f)): the fold into the queries is exact.
+With a + ib = v_j ω_j, rows t and t + d/2 of the fused key are Σ_j (a w_j^t − b w_j^{t+d/2}) and
+Σ_j (a w_j^{t+d/2} + b w_j^t); folding α + iβ = conj(c_j) into query row pair (t, t + d/2) gives
+(α·row_t − β·row_{t+d/2}, α·row_{t+d/2} + β·row_t).
 
 ω_j^t is the query energy of pair t over the query heads reading j, times s_j, the spread of
 those heads' value outputs through o_proj: a logit error δℓ moves the output by about
@@ -109,13 +119,20 @@ class LayerFusion:
 
     # ---- fused weights ----
 
+    @staticmethod
+    def _unfitted(group: tuple[int, ...], mean: bool, weights: torch.Tensor, unit: torch.Tensor):
+        """A group that needs no fit: a lone head as it is, or (``mean``) its members' mean (GQA's pooling)."""
+        if len(group) == 1:
+            return weights[group[0]], {group[0]: unit}
+        if mean:
+            return torch.stack([weights[j] for j in group]).mean(0), {j: unit for j in group}
+        return None
+
     def fuse_values(self, group: tuple[int, ...], mean: bool = False):
         """(W_v^f (d, D+1), {j: M_j (d, d)}) with X W_v^jᵀ ≈ X W_v^fᵀ M_j."""
-        eye = torch.eye(self.d, dtype=torch.float64)
-        if len(group) == 1:
-            return self.v[group[0]], {group[0]: eye}
-        if mean:
-            return torch.stack([self.v[j] for j in group]).mean(0), {j: eye for j in group}
+        unfitted = self._unfitted(group, mean, self.v, torch.eye(self.d, dtype=torch.float64))
+        if unfitted is not None:
+            return unfitted
         idx = torch.cat([torch.arange(j * self.d, (j + 1) * self.d) for j in group])
         _, vectors = torch.linalg.eigh(self.value_gram[idx][:, idx])
         top = vectors[:, -self.d :]  # P: (|S|·d, d)
@@ -125,11 +142,9 @@ class LayerFusion:
 
     def fuse_keys(self, group: tuple[int, ...], mean: bool = False):
         """(W_k^f (d, D+1), {j: c_j (d/2,) complex}) with z_j ≈ c_j z_f for every RoPE pair."""
-        ones = torch.ones(self.half, dtype=torch.complex128)
-        if len(group) == 1:
-            return self.k[group[0]], {group[0]: ones}
-        if mean:
-            return torch.stack([self.k[j] for j in group]).mean(0), {j: ones for j in group}
+        unfitted = self._unfitted(group, mean, self.k, torch.ones(self.half, dtype=torch.complex128))
+        if unfitted is not None:
+            return unfitted
         _, vectors = torch.linalg.eigh(self._key_hermitian(group))
         top = vectors[:, :, -1]  # (d/2, |S|): v per pair
         idx = torch.tensor(group)

@@ -7,7 +7,6 @@
 Peak memory is one decoder layer plus the calibration activations, whatever the model's size.
 """
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,25 +15,17 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-import rehead
 from rehead import architectures, text
-from rehead.checkpoint import (
-    FLOATS,
-    STORED_DTYPES,
-    CheckpointReader,
-    ShardWriter,
-    atomic_output,
-    check_output,
-    copy_side_files,
-    read_config,
-)
+from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
 from rehead.errors import ReheadError
+from rehead.files import atomic_output, check_output
 from rehead.heads import LAYER_RE, head_dim_of
-from rehead.layouts import LAYOUTS
+from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
 from rehead.sources import Source, card_metadata, resolve
+from rehead.writer import finish
 
 from .options import DTYPES, ConvertOptions
 
@@ -79,21 +70,35 @@ class LayerInput:
 
 
 class Rewriter:
-    """A layout's conversion. Subclasses set the class attributes and override the hooks they need."""
+    """A layout's conversion. Subclasses set the class attributes and override the hooks they need.
+
+    ``Options``: the layout's options, a pydantic model extending ConvertOptions (its own fields become
+    the layout's command-line flags); ``preset``: the options ``rehead pipeline`` and the benchmarks
+    convert with; ``trainable``: what the pipeline's short tuning trains.
+    """
 
     layout = ""
+    Options: type[ConvertOptions] = ConvertOptions
+    preset: dict = {}
+    trainable = "all"
     needs_calibration = False
-    layout_files: list[Path] = []
+    needs_planning = False
 
     def __init__(self, options: ConvertOptions):
         self.options = options
         self.source_config: dict = {}
 
-    def setup(self, source_config: dict) -> None:
-        """Checks the options against the source; raises ReheadError before anything is written."""
-        self.source_config = source_config
+    def check_source(self, config: dict, where: str) -> None:
+        """Refuses a source this conversion cannot read (by default: anything but a LLaMA-family checkpoint)."""
+        architectures.check_source(config, where)
 
-    needs_planning = False
+    def setup(self, source_config: dict) -> None:
+        """Checks the options against the source; raises ReheadError before anything is written.
+        The base reads the source's shape: its LLaMA form and its query, KV and layer counts."""
+        self.source_config = source_config
+        self.llama = architectures.llama_config(source_config)
+        self.heads, self.layers = self.llama.num_attention_heads, self.llama.num_hidden_layers
+        self.kv = self.llama.num_key_value_heads or self.heads
 
     def observe_layer(self, layer: LayerInput) -> None:
         """The planning pass (when ``needs_planning``): sees every source layer on the source's activations."""
@@ -132,8 +137,7 @@ def build_layer(layer_class: type, config, index: int, tensors: dict[str, torch.
     with torch.device("meta"):
         module = layer_class(config, index)
     state = {name: t.to(device=device, dtype=torch.float32) for name, t in tensors.items()}
-    if "self_attn.o_proj.bias" not in state and module.self_attn.o_proj.bias is not None:
-        state["self_attn.o_proj.bias"] = torch.zeros(config.hidden_size, device=device)
+    state = architectures.with_o_proj_bias(state, config)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
 
@@ -171,11 +175,6 @@ def check_identity(index: int, source: nn.Module, converted: nn.Module, calibrat
     return error
 
 
-# PreTrainedConfig's task and output settings: noise in a causal LM's config.json
-GENERIC_KEYS = ("_name_or_path", "id2label", "label2id", "chunk_size_feed_forward", "is_encoder_decoder",
-                "output_attentions", "output_hidden_states", "problem_type", "return_dict")
-
-
 def llama_values(llama_config) -> dict:
     """The source's LLaMA form as keyword arguments for a layout's config class."""
     values = llama_config.to_dict()
@@ -184,11 +183,63 @@ def llama_values(llama_config) -> dict:
     return values
 
 
-def layout_config_json(config, layout: str) -> dict:
-    """config.json of a checkpoint in ``layout``: the config less generic keys, with its architecture
-    and the auto_map that lets transformers load it without rehead."""
-    values = {k: v for k, v in config.to_dict().items() if k not in GENERIC_KEYS}
-    return {**values, "architectures": [LAYOUTS[layout].model_class.__name__], "auto_map": LAYOUTS[layout].auto_map}
+@dataclass
+class SourceReader:
+    """What a conversion reads: the source, its config and LLaMA form, its tensors by layer, its tokenizer
+    and calibration tokens."""
+
+    source: Source
+    config: dict
+    llama: LlamaConfig
+    reader: CheckpointReader
+    layer_names: dict[int, list[str]]
+    other_names: list[str]
+    tokenizer: object = None
+    calib_ids: torch.Tensor | None = None
+
+    def read_layer(self, index: int, wanted=None) -> dict[str, torch.Tensor]:
+        """Layer ``index``'s tensors, named relative to the layer (those ``wanted(name)`` accepts, if given)."""
+        prefix = f"model.layers.{index}."
+        names = [n for n in self.layer_names[index] if wanted is None or wanted(n.removeprefix(prefix))]
+        return {k.removeprefix(prefix): v for k, v in self.reader.get_many(names).items()}
+
+
+def open_source(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewriter) -> SourceReader:
+    """Validates the source, the options and the output folder before anything is written."""
+    source = resolve(source_spec, options.revision, options.allow_pickle)
+    if out.resolve() == source.path.resolve():
+        raise ReheadError(f"{out}: the output folder is the source; choose another one")
+    config = read_config(source.path)
+    rewriter.check_source(config, source_spec)
+    rewriter.setup(config)
+    check_output(out, options.overwrite)
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReheadError(f"--device {options.device}: CUDA is not available here; use --device cpu")
+    reader = CheckpointReader(source.path, options.allow_pickle)
+    layer_names: dict[int, list[str]] = {}
+    other_names = []
+    for name in reader.names():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some old checkpoints stored; transformers recomputes it
+        match = LAYER_RE.match(name)
+        (layer_names.setdefault(int(match.group(1)), []) if match else other_names).append(name)
+    n_layers = config["num_hidden_layers"]
+    if sorted(layer_names) != list(range(n_layers)):
+        raise ReheadError(f"{source_spec}: weights hold layers {sorted(layer_names)}, config.json says {n_layers}")
+    llama = architectures.llama_config(config)
+    llama._attn_implementation = "sdpa"
+    job = SourceReader(source, config, llama, reader, layer_names, other_names, load_tokenizer(options, source))
+    calibrates = rewriter.needs_calibration or options.check_identity
+    if job.tokenizer is None and calibrates:
+        raise ReheadError(
+            f"{source_spec}: no tokenizer, and this conversion calibrates on text; pass --tokenizer "
+            "with a checkpoint or Hub id that has the same tokenizer"
+        )
+    if job.tokenizer is None:
+        log.warning("%s has no tokenizer: the output will have none either (add one before using it)", source_spec)
+    elif calibrates:
+        job.calib_ids = text.blocks(job.tokenizer, options.calib, options.calib_tokens, options.calib_seq_len)
+    return job
 
 
 def output_dtype(options: ConvertOptions, config: dict) -> torch.dtype:
@@ -205,141 +256,113 @@ def load_tokenizer(options: ConvertOptions, source: Source):
         return None
 
 
+class TensorSink:
+    """Writes the output's tensors into shards; an unchanged source tensor of the output dtype is copied
+    byte for byte (in the kernel) without being read."""
+
+    def __init__(self, reader: CheckpointReader, folder: Path, dtype: torch.dtype, max_shard_gb: float):
+        self.reader, self.dtype = reader, dtype
+        self.writer = ShardWriter(folder, int(max_shard_gb * (1 << 30)))
+
+    def write(self, name: str, tensor: torch.Tensor | None, unchanged: bool) -> None:
+        stored = self.reader.locate(name) if unchanged else None
+        if stored is not None and (stored.dtype == STORED_DTYPES[self.dtype] or stored.dtype not in FLOATS):
+            self.writer.add_stored(name, stored)
+            return
+        tensor = self.reader.get(name) if tensor is None else tensor
+        self.writer.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
+
+
+def write_outer_tensors(job: SourceReader, sink: TensorSink, device: str) -> Calibration | None:
+    """Writes the tensors outside the decoder layers; returns the first layer's calibration inputs."""
+    calibration = None
+    for name in job.other_names:
+        sink.write(name, None, unchanged=True)
+        if job.calib_ids is not None and name == "model.embed_tokens.weight":
+            hidden = job.reader.get(name)[job.calib_ids].float().to(device)
+            positions = torch.arange(job.calib_ids.shape[1], device=device).expand(len(job.calib_ids), -1)
+            rotary = LlamaRotaryEmbedding(job.llama).to(device)
+            calibration = Calibration(hidden, rotary(hidden, positions))
+    return calibration
+
+
+def plan_pass(job: SourceReader, rewriter: Rewriter, calibration: Calibration, device: str) -> None:
+    """A first pass over the source's own activations, for rewriters that plan across layers."""
+    planning = Calibration(calibration.hidden.clone(), calibration.position_embeddings)
+    for index in tqdm(range(job.llama.num_hidden_layers), desc=f"plan {rewriter.layout}", unit="layer"):
+        tensors = job.read_layer(index)
+        original = build_layer(LlamaDecoderLayer, job.llama, index, tensors, device)
+        rewriter.observe_layer(LayerInput(index, tensors, original, planning))
+        planning.hidden = planning.run(original)
+        del original, tensors
+    rewriter.plan_budget()
+
+
+def convert_pass(job: SourceReader, rewriter: Rewriter, sink: TensorSink, calibration: Calibration | None,
+                 options: ConvertOptions) -> list[float]:
+    """Rewrites and writes every layer; calibration runs the converted layers. Returns the identity
+    errors per layer when ``--check-identity`` asks for them."""
+    identity_errors = []
+    for index in tqdm(range(job.llama.num_hidden_layers), desc=f"convert → {rewriter.layout}", unit="layer"):
+        prefix = f"model.layers.{index}."
+        # the source layer runs on calibration text: it needs all its tensors
+        tensors = job.read_layer(index, None if calibration is not None else rewriter.needs_tensor)
+        layer = LayerInput(index, tensors)
+        if calibration is not None:
+            layer.source_layer = build_layer(LlamaDecoderLayer, job.llama, index, tensors, options.device)
+            layer.calibration = calibration
+        new = rewriter.rewrite_layer(layer)
+        if calibration is not None:
+            converted = rewriter.layer_module(index, new)
+            if options.check_identity:
+                identity_errors.append(check_identity(index, layer.source_layer, converted, calibration))
+            calibration.hidden = calibration.run(converted)
+            del converted
+        for name, tensor in new.items():
+            sink.write(prefix + name, tensor, unchanged=tensor is tensors.get(name))
+        for name in job.layer_names[index]:  # what the rewriter did not read, it did not change
+            if name.removeprefix(prefix) not in tensors:
+                sink.write(name, None, unchanged=True)
+        del layer, new, tensors
+    return identity_errors
+
+
+def provenance(job: SourceReader, options: ConvertOptions, rewriter: Rewriter, hashes: dict[str, str],
+               identity_errors: list[float]) -> Provenance:
+    llama = job.llama
+    ids = job.calib_ids
+    return Provenance(
+        layout=rewriter.layout,
+        source=SourceRecord(
+            id=job.source.id, revision=job.source.revision, files=hashes,
+            **card_metadata(job.source.path, job.source.id), query_heads=llama.num_attention_heads,
+            kv_cache_bytes_per_token_bf16=2 * llama.num_hidden_layers * llama.num_key_value_heads
+            * head_dim_of(job.config) * 2,
+        ),
+        options=options.model_dump(exclude={"overwrite", "device"}),
+        calibration=None if ids is None else CalibrationRecord(
+            text=options.calib, tokens=ids.numel(), seq_len=ids.shape[1], sha256=text.ids_hash(ids)),
+        plan=rewriter.plan(),
+        identity_error_per_layer=identity_errors or None,
+    )
+
+
 def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewriter) -> Path:
     out = Path(out).expanduser()
-    source = resolve(source_spec, options.revision, options.allow_pickle)
-    if out.resolve() == source.path.resolve():
-        raise ReheadError(f"{out}: the output folder is the source; choose another one")
-    config = read_config(source.path)
-    architectures.check_source(config, source_spec)
-    rewriter.setup(config)
-    check_output(out, options.overwrite)
-    reader = CheckpointReader(source.path, options.allow_pickle)
-    dtype = output_dtype(options, config)
-    device = options.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReheadError(f"--device {device}: CUDA is not available here; use --device cpu")
-
-    tokenizer = load_tokenizer(options, source)
-    calib_ids = None
-    if tokenizer is None:
-        if rewriter.needs_calibration or options.check_identity:
-            raise ReheadError(
-                f"{source_spec}: no tokenizer, and this conversion calibrates on text; pass --tokenizer "
-                "with a checkpoint or Hub id that has the same tokenizer"
-            )
-        log.warning("%s has no tokenizer: the output will have none either (add one before using it)", source_spec)
-    elif rewriter.needs_calibration or options.check_identity:
-        calib_ids = text.blocks(tokenizer, options.calib, options.calib_tokens, options.calib_seq_len)
-
-    layer_names: dict[int, list[str]] = {}
-    other_names = []
-    for name in reader.names():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # a buffer some old checkpoints stored; transformers recomputes it
-        match = LAYER_RE.match(name)
-        (layer_names.setdefault(int(match.group(1)), []) if match else other_names).append(name)
-    n_layers = config["num_hidden_layers"]
-    if sorted(layer_names) != list(range(n_layers)):
-        raise ReheadError(f"{source_spec}: weights hold layers {sorted(layer_names)}, config.json says {n_layers}")
-
-    llama_config = architectures.llama_config(config)
-    llama_config._attn_implementation = "sdpa"
+    job = open_source(source_spec, out, options, rewriter)
+    dtype = output_dtype(options, job.config)
     # the source's file hashes (for rehead.json) are computed beside the conversion: hashlib frees the GIL
     with ThreadPoolExecutor(1) as pool, atomic_output(out, options.overwrite) as tmp:
-        hashes = pool.submit(reader.file_hashes)
-        writer = ShardWriter(tmp, int(options.max_shard_gb * (1 << 30)))
-
-        def write(name: str, tensor: torch.Tensor | None, unchanged: bool) -> None:
-            """Writes a tensor; an unchanged source tensor of the output dtype is copied byte for byte."""
-            stored = reader.locate(name) if unchanged else None
-            if stored is not None and (stored.dtype == STORED_DTYPES[dtype] or stored.dtype not in FLOATS):
-                writer.add_stored(name, stored)
-                return
-            tensor = reader.get(name) if tensor is None else tensor
-            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-
-        calibration, identity_errors = None, []
-        for name in other_names:
-            write(name, None, unchanged=True)
-            if calib_ids is not None and name == "model.embed_tokens.weight":
-                hidden = reader.get(name)[calib_ids].float().to(device)
-                positions = torch.arange(calib_ids.shape[1], device=device).expand(len(calib_ids), -1)
-                rotary = LlamaRotaryEmbedding(llama_config).to(device)
-                calibration = Calibration(hidden, rotary(hidden, positions))
-
-        def read_layer(index: int, everything: bool = True) -> dict[str, torch.Tensor]:
-            prefix = f"model.layers.{index}."
-            names = [n for n in layer_names[index] if everything or rewriter.needs_tensor(n.removeprefix(prefix))]
-            return {k.removeprefix(prefix): v for k, v in reader.get_many(names).items()}
-
-        if rewriter.needs_planning:  # a first pass on the source's own activations
-            planning = Calibration(calibration.hidden.clone(), calibration.position_embeddings)
-            for index in tqdm(range(n_layers), desc=f"plan {rewriter.layout}", unit="layer"):
-                tensors = read_layer(index)
-                original = build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
-                rewriter.observe_layer(LayerInput(index, tensors, original, planning))
-                planning.hidden = planning.run(original)
-                del original, tensors
-            rewriter.plan_budget()
-            del planning
-
-        for index in tqdm(range(n_layers), desc=f"convert → {rewriter.layout}", unit="layer"):
-            prefix = f"model.layers.{index}."
-            tensors = read_layer(index, everything=calibration is not None)  # the source layer runs on all
-            layer = LayerInput(index, tensors)
-            if calibration is not None:
-                layer.source_layer = build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
-                layer.calibration = calibration
-            new = rewriter.rewrite_layer(layer)
-            if calibration is not None:
-                converted = rewriter.layer_module(index, new)
-                if options.check_identity:
-                    identity_errors.append(check_identity(index, layer.source_layer, converted, calibration))
-                calibration.hidden = calibration.run(converted)
-                del converted
-            for name, tensor in new.items():
-                write(prefix + name, tensor, unchanged=tensor is tensors.get(name))
-            for name in layer_names[index]:  # what the rewriter did not read, it did not change
-                if name.removeprefix(prefix) not in tensors:
-                    write(name, None, unchanged=True)
-            del layer, new, tensors
-        reader.close()
-        writer.finish()
-
-        target = rewriter.target_config()
-        target["dtype"] = str(dtype).removeprefix("torch.")
-        target.pop("torch_dtype", None)
-        (tmp / "config.json").write_text(json.dumps(target, indent=2, sort_keys=True) + "\n")
+        hashes = pool.submit(job.reader.file_hashes)
+        sink = TensorSink(job.reader, tmp, dtype, options.max_shard_gb)
+        calibration = write_outer_tensors(job, sink, options.device)
+        if rewriter.needs_planning:
+            plan_pass(job, rewriter, calibration, options.device)
+        identity_errors = convert_pass(job, rewriter, sink, calibration, options)
+        job.reader.close()
+        sink.writer.finish()
+        config = {**rewriter.target_config(), "dtype": str(dtype).removeprefix("torch.")}
         rewriter.write_extras(tmp)
-        for path in rewriter.layout_files:
-            (tmp / path.name).write_text(path.read_text())
-        copy_side_files(source.path, tmp)
-        if tokenizer is not None and not (tmp / "tokenizer_config.json").exists():
-            tokenizer.save_pretrained(tmp)  # --tokenizer: the tokenizer the user named travels with the model
-        provenance = {
-            "rehead_version": rehead.__version__,
-            "layout": rewriter.layout,
-            "source": {
-                "id": source.id,
-                "revision": source.revision,
-                "files": hashes.result(),
-                **card_metadata(source.path, source.id),
-                "query_heads": llama_config.num_attention_heads,
-                "kv_cache_bytes_per_token_bf16": 2 * llama_config.num_hidden_layers
-                * llama_config.num_key_value_heads * head_dim_of(config) * 2,
-            },
-            "options": options.model_dump(exclude={"overwrite", "device"}),
-            "calibration": None
-            if calib_ids is None
-            else {
-                "text": options.calib,
-                "tokens": calib_ids.numel(),
-                "seq_len": calib_ids.shape[1],
-                "sha256": text.ids_hash(calib_ids),
-            },
-            "plan": rewriter.plan(),
-            "identity_error_per_layer": identity_errors or None,
-        }
-        (tmp / "rehead.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        finish(tmp, config, provenance(job, options, rewriter, hashes.result(), identity_errors), job.source.path,
+               job.tokenizer)
     return out

@@ -8,15 +8,41 @@ noise query and its KV head's key the noise key, so the noise map starts as that
 attention map; the head count stays the same.
 """
 
+from typing import Literal
+
 import torch
+from pydantic import Field, model_validator
 
 from rehead import architectures
 from rehead.errors import ReheadError
-from rehead.layouts import LAYOUTS
 from rehead.layouts.configuration_gda import GDAConfig
 from rehead.layouts.modeling_gda import GDADecoderLayer
 
-from .engine import LayerInput, Rewriter, build_layer, head_statistics, layout_config_json, llama_values
+from .engine import LayerInput, Rewriter, build_layer, head_statistics, llama_values
+from .options import ConvertOptions
+
+
+class GDAOptions(ConvertOptions):
+    to: Literal["gda"] = "gda"
+    ratio: int | None = Field(None, description="one noise-control head per G signal heads, aligned with the KV "
+                                                "groups (the error lists the values that fit)")
+    mode: Literal["grow", "repurpose"] = Field(
+        "grow", description="grow: add the noise heads (exactly the source at λ = 0); repurpose: turn the least "
+                            "important head of each G + 1 into its group's noise head")
+    subln: bool = Field(False, description="the DIFF Transformer's per-head RMSNorm and (1 - λ_init) scale "
+                                           "(changes the function)")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.ratio is None:
+            raise ReheadError("--to gda needs --ratio G: one noise-control head per G signal heads")
+        if self.check_identity and self.subln:
+            raise ReheadError("--subln adds a per-head RMSNorm, which changes the function: it cannot pass "
+                              "--check-identity; drop one of them")
+        if self.check_identity and self.mode == "repurpose":
+            raise ReheadError("--mode repurpose changes the function (a head becomes a noise head): "
+                              "--check-identity holds only for --mode grow")
+        return self
 
 def aligned(size: int, group: int) -> bool:
     """A group of ``size`` consecutive heads lies inside one KV group, or is a whole number of them."""
@@ -25,14 +51,13 @@ def aligned(size: int, group: int) -> bool:
 
 class GDARewriter(Rewriter):
     layout = "gda"
-    layout_files = LAYOUTS["gda"].files
+    Options = GDAOptions
+    preset = dict(ratio=3)  # one noise-control head per 3 signal heads, grown from the source
+    trainable = "new"
 
     def setup(self, source_config: dict) -> None:
         super().setup(source_config)
         o = self.options
-        self.heads = source_config["num_attention_heads"]
-        self.kv = source_config.get("num_key_value_heads") or self.heads
-        self.llama = architectures.llama_config(source_config)
         self.head_dim = self.llama.head_dim
         group = self.heads // self.kv
         extra = 1 if o.mode == "repurpose" else 0  # repurpose: G + 1 source heads become G signal + 1 noise
@@ -44,20 +69,12 @@ class GDARewriter(Rewriter):
                 return group % (g + extra) == 0 or group == 1
             return aligned(g, group)
 
-        if o.ratio is None:
-            raise ReheadError("--to gda needs --ratio G: one noise-control head per G signal heads")
         valid = [g for g in range(1, self.heads + 1 - extra) if fits(g)]
         if o.ratio < 1 or o.ratio + extra > self.heads or not fits(o.ratio):
             why = "must be at least 1" if o.ratio < 1 else (
                 f"larger than the {self.heads} heads" if o.ratio + extra > self.heads else
                 f"groups of {o.ratio + extra} heads do not tile {self.heads} heads in KV groups of {group}")
             raise ReheadError(f"--ratio {o.ratio}: {why}; values that fit ({o.mode}): {', '.join(map(str, valid))}")
-        if o.check_identity and o.subln:
-            raise ReheadError("--subln adds a per-head RMSNorm, which changes the function: it cannot pass "
-                              "--check-identity; drop one of them")
-        if o.check_identity and o.mode == "repurpose":
-            raise ReheadError("--mode repurpose changes the function (a head becomes a noise head): "
-                              "--check-identity holds only for --mode grow")
         self.size = o.ratio + extra
         self.noise_heads = self.heads // self.size
         self.signal_heads = self.heads - extra * self.noise_heads
@@ -80,8 +97,7 @@ class GDARewriter(Rewriter):
     def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
         t = dict(layer.tensors)
         d = self.head_dim
-        if architectures.missing_bias(self.source_config):
-            t["self_attn.o_proj.bias"] = torch.zeros(self.llama.hidden_size, dtype=t["self_attn.q_proj.bias"].dtype)
+        t = architectures.with_o_proj_bias(t, self.llama)
 
         def heads(name, count):
             return t[name].unflatten(0, (count, d))
@@ -124,7 +140,7 @@ class GDARewriter(Rewriter):
         return build_layer(GDADecoderLayer, self.config(), index, tensors, self.options.device)
 
     def target_config(self) -> dict:
-        return layout_config_json(self.config(), "gda")
+        return self.config().to_dict()
 
     def plan(self) -> dict:
         return {

@@ -14,16 +14,18 @@ token's standardised log-contributions, scaled by ``ROUTER_SCALE`` so that the s
 near uniform: the gates start near 1 and the top-k order is the fit's.
 """
 
+from typing import Literal
+
 import torch
+from pydantic import Field, field_validator
 
 from rehead import architectures
 from rehead.errors import ReheadError
-from rehead.layouts import LAYOUTS
 from rehead.layouts.configuration_moh import MoHConfig
 from rehead.layouts.modeling_moh import MoHDecoderLayer
 
-from .engine import LayerInput, Rewriter, build_layer, head_statistics, layout_config_json, llama_values
-from .options import head_count
+from .engine import LayerInput, Rewriter, build_layer, head_statistics, llama_values
+from .options import ConvertOptions, check_head_value, head_count
 
 ROUTER_SCALE = 0.02
 RIDGE = 1e-3
@@ -58,14 +60,33 @@ def fit_router(inputs: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     return ROUTER_SCALE * torch.linalg.solve(gram, inputs.T @ target).T
 
 
+class MoHOptions(ConvertOptions):
+    to: Literal["moh"] = "moh"
+    active_heads: float = Field(
+        0.75, description="heads each token uses, shared heads included: a count (7) or a fraction of the heads "
+                          "(0.75; rounds to the nearest count, halves down)")
+    shared_heads: float = Field(0.5, description="always-on heads: a count or a fraction; fewer than the active heads")
+    router: Literal["query-norm", "learned"] = Field(
+        "query-norm", description="query-norm: parameter-free, a routed head's logit is its query's norm over the std "
+                                  "across routed heads; learned: the paper's two-stage router with its load balance")
+    shared: Literal["calibrated", "first"] = Field(
+        "calibrated", description="which heads are shared: calibrated (the heads that matter most on calibration "
+                                  "text) or first (heads 0..S-1, the paper's choice)")
+
+    @field_validator("active_heads", "shared_heads")
+    @classmethod
+    def _count_or_fraction(cls, value: float, info) -> float:
+        return check_head_value(value, "--" + info.field_name.replace("_", "-"))
+
+
 class MoHRewriter(Rewriter):
     layout = "moh"
-    layout_files = LAYOUTS["moh"].files
+    Options = MoHOptions
+    preset = dict(router="learned")  # 7 of 9 heads per token on SmolLM2, 4 of them shared
 
     def setup(self, source_config: dict) -> None:
         super().setup(source_config)
-        heads = source_config["num_attention_heads"]
-        self.heads = heads
+        heads = self.heads
         self.active = head_count(self.options.active_heads, heads, "--active-heads")
         n_shared = head_count(self.options.shared_heads, heads, "--shared-heads")
         if not 1 <= self.active <= heads:
@@ -77,7 +98,6 @@ class MoHRewriter(Rewriter):
             )
         self.n_shared = n_shared
         self.routing = self.active < heads
-        self.llama = architectures.llama_config(source_config)
         self.shared: list[list[int]] = []
         self.kept: list[float] = []
 
@@ -100,8 +120,7 @@ class MoHRewriter(Rewriter):
     def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
         tensors = dict(layer.tensors)
         hidden = self.llama.hidden_size
-        if architectures.missing_bias(self.source_config):
-            tensors["self_attn.o_proj.bias"] = torch.zeros(hidden, dtype=tensors["self_attn.q_proj.bias"].dtype)
+        tensors = architectures.with_o_proj_bias(tensors, self.llama)
         top_k = self.active - self.n_shared
         learned = self.options.router == "learned"
         routers = {}
@@ -131,7 +150,7 @@ class MoHRewriter(Rewriter):
         return build_layer(MoHDecoderLayer, self.config(self.shared), index, tensors, self.options.device)
 
     def target_config(self) -> dict:
-        return layout_config_json(self.config(self.shared), "moh")
+        return self.config(self.shared).to_dict()
 
     def plan(self) -> dict:
         return {

@@ -1,55 +1,76 @@
-"""The options of ``rehead convert``: one pydantic model serves the Python API and the command line."""
+"""The options every conversion shares; each layout extends them with its own model in its converter module.
+
+One pydantic model per layout serves the Python API (``convert(src, out, to="dha", kv_budget=0.5)``),
+rehead.json and the command line, whose flags are built from the models' fields.
+"""
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rehead.errors import ReheadError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CALIBRATION = {"group": "calibration"}
 
 
 class ConvertOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    to: Literal["mha", "moh", "dha", "gda"]
-    # MoH
-    active_heads: float = Field(0.75, description="heads each token uses: a count, or a fraction of the heads")
-    shared_heads: float = Field(0.5, description="always-on heads: a count, or a fraction of the heads")
-    router: Literal["query-norm", "learned"] = "query-norm"
-    shared: Literal["calibrated", "first"] = "calibrated"
-    # DHA
-    kv_budget: float | None = Field(None, description="fraction of the source's K and V heads kept, over all layers")
-    k_budget: float | None = Field(None, description="fraction of the source's key heads kept")
-    v_budget: float | None = Field(None, description="fraction of the source's value heads kept")
-    fusion: Literal["optimal", "mean"] = "optimal"
-    uniform: bool = False
-    refine_steps: int = Field(0, ge=0)
-    refine_lr: float = Field(1e-4, gt=0)
-    # GDA
-    ratio: int | None = Field(None, description="signal heads per noise-control head")
-    mode: Literal["grow", "repurpose"] = "grow"
-    subln: bool = False
-    # calibration
-    calib: str = "shakespeare"
-    calib_tokens: int = Field(8192, gt=0)
-    calib_seq_len: int = Field(512, gt=1)
-    check_identity: bool = Field(False, description="verify on calibration text that each converted layer is the source's")
-    # input and output
-    revision: str | None = None
-    tokenizer: str | None = None
-    allow_pickle: bool = False
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: str = "cpu"
-    overwrite: bool = False
-    max_shard_gb: float = Field(2.0, gt=0)
+    to: str = Field(description="target layout")
+    calib: str = Field(
+        "shakespeare", json_schema_extra=CALIBRATION,
+        description="calibration text: a built-in name (shakespeare, pydoc), files or folders, or a datasets id "
+                    "ID[:CONFIG][@SPLIT][#COLUMN]; several joined with commas share the token budget")
+    calib_tokens: int = Field(8192, gt=0, json_schema_extra=CALIBRATION, description="calibration tokens")
+    calib_seq_len: int = Field(512, gt=1, json_schema_extra=CALIBRATION, description="calibration sequence length")
+    check_identity: bool = Field(
+        False, json_schema_extra=CALIBRATION,
+        description="verify on calibration text that every converted layer computes the source's function "
+                    "(for identity settings: MoH with every head active, DHA at budget 1, GDA grow)")
+    revision: str | None = Field(None, description="hub revision of SRC (branch, tag or commit)")
+    tokenizer: str | None = Field(None, description="take the tokenizer from this checkpoint or hub id")
+    allow_pickle: bool = Field(False, description="read pickled .bin weights (with torch.load(weights_only=True))")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="output dtype (auto: the source's)")
+    device: str = Field("cpu", description="where calibration runs: cpu, cuda, cuda:1")
+    overwrite: bool = Field(False, description="replace OUT if it exists")
+    max_shard_gb: float = Field(2.0, gt=0, description="largest output shard in GiB")
+
+    @classmethod
+    def own_fields(cls) -> dict:
+        """The fields a layout's options add to the shared ones: its command-line flags."""
+        return {name: f for name, f in cls.model_fields.items() if name not in ConvertOptions.model_fields}
+
+
+def flag(name: str) -> str:
+    return "--" + name.rstrip("_").replace("_", "-")
+
+
+def options_error(error: ValidationError) -> ReheadError:
+    """A ValidationError as the user's flags: ``--kv-budget 1.5: must be in (0, 1]``."""
+    parts = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a check across options says which flags it is about itself
+            parts.append(message)
+            continue
+        name = str(item["loc"][0])
+        if item["type"] == "extra_forbidden":
+            message = "not an option of this layout"
+        parts.append(f"{flag(name)} {item.get('input')!r}: {message}")
+    return ReheadError("; ".join(parts))
 
 
 def head_count(value: float, heads: int, flag: str) -> int:
     """A head count given as a count (>= 1) or a fraction in (0, 1) of ``heads``; fractions round to
     the nearest count, halves down (0.5 of 9 heads is 4)."""
-    if value < 0 or (value > 1 and value != int(value)):
-        raise ReheadError(f"{flag} {value:g}: give a count (0, 1, 2, ...) or a fraction in (0, 1)")
+    check_head_value(value, flag)
     if 0 < value < 1:
         return int(-(-(2 * value * heads - 1) // 2))  # ceil(value·heads − ½)
     return int(value)
+
+
+def check_head_value(value: float, flag: str) -> float:
+    if value < 0 or (value > 1 and value != int(value)):
+        raise ReheadError(f"{flag} {value:g}: give a count (0, 1, 2, ...) or a fraction in (0, 1)")
+    return value

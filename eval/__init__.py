@@ -7,13 +7,14 @@ lm-eval's HFLM around the loaded model with identical settings. Baseline results
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rehead import models
 from rehead.errors import ReheadError
+from rehead.files import atomic_file, write_text
+from rehead.provenance import Provenance
 from rehead.sources import resolve
 
 from . import harness, offline, report
@@ -24,6 +25,10 @@ log = logging.getLogger("rehead.eval")
 
 @dataclass
 class Outcome:
+    """What ``evaluate`` compared and found: the rows of the report, the average retention, where it wrote."""
+
+    candidate: str
+    baseline: str
     rows: list[dict]
     average_retention: float | None
     out: Path
@@ -49,10 +54,8 @@ def resolve_tasks(tasks: str | None, suite: str | None, num_fewshot: int | None)
 
 
 def default_baseline(candidate_path: Path) -> str | None:
-    record = candidate_path / "rehead.json"
-    if record.is_file():
-        return json.loads(record.read_text()).get("source", {}).get("id")
-    return None
+    record = Provenance.load(candidate_path)
+    return record.source_id if record else None
 
 
 def _batch_size(text: str | int):
@@ -131,11 +134,8 @@ def evaluate(candidate: str, baseline: str | None = None, tasks: str | None = No
         "comparison": rows,
         "average_retention": average,
     }
-    for name, content in (("results.json", json.dumps(results, indent=2) + "\n"), ("report.md", text)):
-        tmp = out / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(content)
-        tmp.replace(out / name)
-    tmp = out / f".report.{os.getpid()}.png"
-    report.chart(rows, average, tmp, f"{candidate} vs {baseline}")
-    tmp.replace(out / "report.png")
-    return Outcome(rows, average, out, cached, timings)
+    write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text(out / "report.md", text)
+    with atomic_file(out / "report.png") as tmp:
+        report.chart(rows, average, tmp, f"{candidate} vs {baseline}")
+    return Outcome(candidate, baseline, rows, average, out, cached, timings)

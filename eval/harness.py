@@ -7,8 +7,10 @@ import logging
 import os
 from pathlib import Path
 
+from rehead import files
 from rehead.checkpoint import sha256_file
 from rehead.errors import ReheadError
+from rehead.files import cache_dir
 from rehead.net import check_reachable, hub_endpoint
 
 from . import offline
@@ -65,7 +67,7 @@ class ResultCache:
     """Raw lm-eval results keyed by (model files' hash, task configs, shots, limit, dtype, lm-eval version)."""
 
     def __init__(self, root: Path | None = None):
-        self.root = root or Path(os.environ.get("REHEAD_CACHE", Path.home() / ".cache" / "rehead")) / "eval-results"
+        self.root = root or cache_dir() / "eval-results"
 
     def model_hash(self, folder: Path) -> str:
         """One hash over config.json and the weight files. A file's sha256 is remembered by (path, size,
@@ -86,10 +88,7 @@ class ResultCache:
         return digest.hexdigest()
 
     def _write(self, path: Path, value: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(value))
-        tmp.replace(path)
+        files.write_text(path, json.dumps(value))
 
     def key(self, model_digest: str, tasks: dict[str, int], limit, dtype: str, configs: dict[str, dict]) -> str:
         described = {

@@ -12,13 +12,13 @@ with the JSONL files built here once into the cache (``$REHEAD_CACHE/eval-data``
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import yaml
 
 from rehead import builtin, text
+from rehead.files import cache_dir, write_text
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 OFFLINE_TASKS = ("rehead_shakespeare_ppl", "rehead_pydoc_ppl", "rehead_cloze")
@@ -71,7 +71,7 @@ def _cloze_docs(limit: int) -> list[dict]:
 
 def data_folder() -> Path:
     """Builds (once) and returns the folder of the offline tasks' JSONL files."""
-    root = Path(os.environ.get("REHEAD_CACHE", Path.home() / ".cache" / "rehead")) / "eval-data" / f"v{DATA_VERSION}"
+    root = cache_dir() / "eval-data" / f"v{DATA_VERSION}"
     if (root / "done").is_file():
         return root
     builtin.text_folder("shakespeare")  # fetched and checked once
@@ -82,9 +82,7 @@ def data_folder() -> Path:
         "cloze.jsonl": _cloze_docs(500),
     }
     for name, rows in files.items():
-        tmp = root / f".{name}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(root / name)
+        write_text(root / name, "".join(json.dumps(r) + "\n" for r in rows))
     (root / "done").write_text("")
     return root
 

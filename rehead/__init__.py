@@ -7,6 +7,4 @@ installed.
 
 __version__ = "0.1.0"
 
-from rehead.layouts import register_auto_classes as _register
-
-_register()
+import rehead.layouts  # noqa: E402,F401  (registers the layouts)

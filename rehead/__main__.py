@@ -1,5 +1,5 @@
 import sys
 
-from rehead.cli import main
+from rehead.app.cli import main
 
 sys.exit(main())

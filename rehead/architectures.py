@@ -4,6 +4,7 @@ LLaMA 1/2/3.x, SmolLM and Mistral (without sliding window) are LLaMA blocks; Qwe
 block with biases on q/k/v (and none on o_proj, which becomes a zero bias in the LLaMA form).
 """
 
+import torch
 from transformers import LlamaConfig
 
 from rehead.errors import ReheadError
@@ -47,6 +48,11 @@ def llama_config(config: dict) -> LlamaConfig:
     return LlamaConfig.from_dict(values)
 
 
-def missing_bias(config: dict) -> bool:
-    """True when the LLaMA form has an o_proj bias the source does not store (Qwen2)."""
-    return config["model_type"] == "qwen2"
+def with_o_proj_bias(tensors: dict[str, torch.Tensor], llama: LlamaConfig, prefix: str = "self_attn.") -> dict:
+    """A layer's attention tensors in the LLaMA form: with attention_bias, LLaMA's o_proj has a bias too;
+    a source that stores none (Qwen2) gets a zero one, which computes the same function."""
+    name = prefix + "o_proj.bias"
+    if not llama.attention_bias or name in tensors:
+        return tensors
+    like = tensors[prefix + "o_proj.weight"]
+    return {**tensors, name: torch.zeros(llama.hidden_size, dtype=like.dtype, device=like.device)}

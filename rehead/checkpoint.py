@@ -5,9 +5,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,55 +319,6 @@ class ShardWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return names
-
-
-@contextmanager
-def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary folder beside ``out`` that becomes ``out`` only when the block succeeds.
-
-    A failure (or Ctrl-C) removes the temporary folder and leaves ``out`` as it was.
-    """
-    out = Path(out)
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_orphans(out: Path) -> None:
-    """Removes the temporary folders of earlier runs on ``out`` whose process is gone (killed with SIGKILL)."""
-    for folder in out.parent.glob(f".{out.name}.partial-*-*"):
-        pid = folder.name.removeprefix(f".{out.name}.partial-").split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise ReheadError(f"{out} exists; pass --overwrite to replace it, or choose another output folder")
-    if out.exists() and not out.is_dir():
-        raise ReheadError(f"{out} exists and is not a folder; remove it or choose another output folder")
 
 
 def copy_side_files(source: Path, target: Path) -> list[str]:

@@ -17,21 +17,14 @@ from pathlib import Path
 import yaml
 
 from rehead.errors import ReheadError
-from rehead.layouts import BY_MODEL_TYPE
+from rehead.layouts import BY_MODEL_TYPE, layout_config
+from rehead.provenance import Provenance
 from rehead.net import check_reachable, hub_endpoint
 
 log = logging.getLogger("rehead.push")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 IGNORED = [".*", "**/.*", "__pycache__/*", "**/__pycache__/*"]
 RETRIES = 3
-# the conversion options a card shows, per layout
-CARD_OPTIONS = {
-    "common": ["to", "calib", "calib_tokens", "calib_seq_len", "dtype"],
-    "moh": ["active_heads", "shared_heads", "router", "shared"],
-    "dha": ["kv_budget", "k_budget", "v_budget", "fusion", "uniform", "refine_steps", "refine_lr"],
-    "gda": ["ratio", "mode", "subln"],
-}
-
 LOAD_CHECK = textwrap.dedent(
     """
     import importlib.abc, json, sys, torch
@@ -84,29 +77,33 @@ def _clean_env() -> dict:
 
 
 # ---- the model card ----------------------------------------------------------------------------
-def _savings(folder: Path, config: dict, record: dict) -> list[str]:
-    from rehead.inspect import describe
+def _savings(folder: Path, config: dict, record: Provenance | None) -> list[str]:
+    from rehead.describe import describe
 
     try:
         info = describe(folder)
     except Exception:  # the card describes what it can
         info = None
     lines = []
-    source = record.get("source", {})
-    if info and source.get("kv_cache_bytes_per_token_bf16"):
-        before, after = source["kv_cache_bytes_per_token_bf16"], info["kv_cache_bytes_per_token_bf16"]
+    before = record.source.kv_cache_bytes_per_token_bf16 if record and record.source else None
+    if info and before:
+        after = info["kv_cache_bytes_per_token_bf16"]
         lines.append(f"- KV cache: {after:,} bytes per token in bf16, {100 * after / before:.1f}% of the source's "
                      f"{before:,}")
-    if config.get("model_type") == "rehead_moh":
-        heads = config["num_attention_heads"]
-        lines.append(f"- Active heads: {config['moh_active_heads']} of {heads} per token "
-                     f"({100 * config['moh_active_heads'] / heads:.0f}%), router `{config['moh_router']}`")
-    if config.get("model_type") == "rehead_gda":
-        lines.append(f"- {config['num_attention_heads']} signal heads and {config['gda_noise_heads']} shared "
-                     "noise-control heads per layer (differential attention)")
+    layout = layout_config(config)
+    if layout is not None:
+        lines += layout.card_lines()
     if info:
         lines.append(f"- Parameters: {info['parameters']:,}")
     return lines
+
+
+# conversion options that say how the input was read or the output stored, not what the model is
+NOT_ON_CARD = ("revision", "tokenizer", "allow_pickle", "max_shard_gb", "check_identity", "overwrite", "device")
+
+
+def _card_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if v is not None and k not in NOT_ON_CARD}
 
 
 def card(folder: Path, repo: str | None = None):
@@ -115,51 +112,43 @@ def card(folder: Path, repo: str | None = None):
 
     folder = Path(folder)
     config = check_folder(folder)
-    record = json.loads((folder / "rehead.json").read_text()) if (folder / "rehead.json").is_file() else {}
+    record = Provenance.load(folder)
     layout = BY_MODEL_TYPE.get(config.get("model_type"))
-    layout_name = layout.name if layout else record.get("layout") or config.get("model_type")
-    source = record.get("source", {})
-    tuned = "tune" in record
+    layout_name = layout.name if layout else (record.layout if record and record.layout else config.get("model_type"))
+    source = record.source if record and record.source else None
+    tuned = record is not None and record.tune is not None
     tags = ["rehead", layout_name] + (["tuned"] if tuned else [])
     data = ModelCardData(
-        base_model=source.get("hub_id"),
-        base_model_relation="finetune" if source.get("hub_id") else None,
+        base_model=source.hub_id if source else None,
+        base_model_relation="finetune" if source and source.hub_id else None,
         library_name="transformers",
-        license=source.get("license"),
+        license=source.license if source else None,
         tags=tags,
         pipeline_tag="text-generation",
     )
     name = repo or folder.name
     remote = layout is not None
-    base = f"[{source['hub_id']}](https://huggingface.co/{source['hub_id']})" if source.get("hub_id") else \
-        f"`{source.get('id', 'unknown')}`"
+    base = f"[{source.hub_id}](https://huggingface.co/{source.hub_id})" if source and source.hub_id else \
+        f"`{source.id if source else 'unknown'}`"
     parts = [f"# {name}", ""]
-    summary = {
-        "moh": "mixture-of-head attention (MoH, Jin et al. 2024): each token uses its top-k heads plus always-on "
-               "shared heads, with gated head outputs",
-        "dha": "decoupled-head attention (DHA, Chen et al. 2024): similar key heads and similar value heads fused, "
-               "separately and per layer",
-        "gda": "grouped differential attention (GDA, Lim et al. 2025): many signal heads share few noise-control "
-               "heads",
-    }.get(layout_name, f"the `{layout_name}` layout")
+    summary = layout.config_class.layout_summary if layout else f"the `{layout_name}` layout"
     parts += [f"{base} rewritten by rehead into {summary}"
               + (", then continue-tuned." if tuned else ".") if record else f"A `{layout_name}` checkpoint.", ""]
     savings = _savings(folder, config, record)
     if savings:
         parts += ["## What the layout saves", "", *savings, ""]
-    if record.get("options"):
-        wanted = CARD_OPTIONS["common"] + CARD_OPTIONS.get(record["options"].get("to"), [])
-        options = {k: record["options"][k] for k in wanted if record["options"].get(k) is not None}
-        parts += ["## Conversion", "", "```yaml", yaml.safe_dump(options, sort_keys=False).strip(), "```", ""]
-        if record.get("calibration"):
-            c = record["calibration"]
-            parts += [f"Calibrated on {c['tokens']:,} tokens of `{c['text']}` (sha256 {c['sha256'][:12]}…).", ""]
+    if record and record.options:
+        parts += ["## Conversion", "", "```yaml", yaml.safe_dump(_card_options(record.options), sort_keys=False).strip(),
+                  "```", ""]
+        if record.calibration:
+            c = record.calibration
+            parts += [f"Calibrated on {c.tokens:,} tokens of `{c.text}` (sha256 {c.sha256[:12]}…).", ""]
     if tuned:
-        t = record["tune"]
-        parts += ["## Continue-tuning", "", f"{t['steps']} steps, {t['tokens']:,} tokens. Recipe:", "", "```yaml",
-                  yaml.safe_dump(t["recipe"], sort_keys=False).strip(), "```", ""]
-        if t.get("eval"):
-            curve = ", ".join(f"step {e['step']}: {e['eval_ppl']:.2f}" for e in t["eval"])
+        t = record.tune
+        parts += ["## Continue-tuning", "", f"{t.steps} steps, {t.tokens:,} tokens. Recipe:", "", "```yaml",
+                  yaml.safe_dump(t.recipe, sort_keys=False).strip(), "```", ""]
+        if t.eval:
+            curve = ", ".join(f"step {e.step}: {e.eval_ppl:.2f}" for e in t.eval)
             parts += [f"Held-out perplexity during tuning: {curve}.", ""]
     report = folder / "eval" / "report.md"
     if report.is_file():

@@ -1,23 +1,18 @@
-"""What the benchmark scripts share: the conversions they compare with their source."""
+"""What the benchmark scripts share: the conversions they compare with their source (the pipeline's presets)."""
 
 from pathlib import Path
 
-# the settings the CPU recipes, the pipeline and the README use
-CONVERSIONS = {
-    "moh": dict(to="moh", router="learned"),
-    "dha": dict(to="dha", kv_budget=0.5),
-    "gda": dict(to="gda", ratio=3),
-}
 
-
-def conversions(source: str, work: Path, layouts=tuple(CONVERSIONS), **options) -> dict[str, str]:
+def conversions(source: str, work: Path, layouts=("moh", "dha", "gda"), **options) -> dict[str, str]:
     """{"source": source, layout: folder}; each conversion is made into ``work`` unless it is there."""
     out = {"source": str(source)}
     for layout in layouts:
         folder = Path(work) / f"{Path(source).name}-{layout}"
         if not (folder / "config.json").is_file():
-            from rehead.convert import convert  # only when one is missing (gpu_check's decode runs uninstalled)
+            # imported only when a conversion is missing (gpu_check's decode runs where rehead is not installed)
+            from rehead.app.pipeline import presets
+            from rehead.convert import convert
 
-            convert(str(source), folder, **CONVERSIONS[layout], **options)
+            convert(str(source), folder, **presets()[layout], **options)
         out[layout] = str(folder)
     return out

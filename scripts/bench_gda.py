@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rehead import builtin, metrics, text
 from rehead.convert import convert
-from rehead.inspect import describe
+from rehead.describe import describe
 
 
 def timed(fn, repeat: int) -> list[float]:

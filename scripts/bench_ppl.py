@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rehead import builtin, metrics, text
 from rehead.convert import convert
+from rehead.provenance import Provenance
 
 # layout -> {row name: convert options}
 VARIANTS = {
@@ -65,7 +66,7 @@ def main() -> None:
             out = convert("smollm2-135m", Path(tmp) / "out", to=args.layout, calib_tokens=args.calib_tokens,
                           overwrite=True, **options)
             seconds = round(time.perf_counter() - start, 1)
-            plan = json.loads((out / "rehead.json").read_text())["plan"]
+            plan = Provenance.load(out).plan
             rows[name] = {**score(out), "convert_seconds": seconds, "plan": plan}
             print(name, {k: v for k, v in rows[name].items() if k != "plan"}, flush=True)
 

@@ -185,8 +185,7 @@ def recovery(work: Path, steps: int) -> dict:
         "precision=bf16", "log=none", "resume=never", f"output_dir={run}", "trainable=all",
     ])
     started = time.perf_counter()
-    out = tune(recipe)
-    history = json.loads((out / "rehead.json").read_text())["tune"]["eval"]
+    history = [point.model_dump() for point in tune(recipe).history]
     from rehead import metrics, models, text
 
     model, tokenizer, _ = models.load("smollm2-135m", "fp32", "cuda")

@@ -7,8 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from rehead.checkpoint import CheckpointReader, ShardWriter, atomic_output
+from rehead.checkpoint import CheckpointReader, ShardWriter
 from rehead.errors import ReheadError
+from rehead.files import atomic_output
 
 
 def sample_tensors():

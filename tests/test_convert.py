@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from rehead.checkpoint import sha256_file
-from rehead.cli import main
+from rehead.app.cli import main
 from rehead.convert import convert
 from rehead.convert.moh import choose_shared, dropped_energy
 from rehead.convert.options import head_count
@@ -265,7 +265,7 @@ def test_converted_moh_config_is_a_transformers_config(tiny, tmp_path):
 KILLED_RUN = """
 import sys, time
 from rehead.checkpoint import ShardWriter
-from rehead.cli import main
+from rehead.app.cli import main
 original = ShardWriter._record
 def slow_record(self, *args):
     original(self, *args)

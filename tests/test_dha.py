@@ -15,7 +15,7 @@ from rehead.convert import convert
 from rehead.convert.dha import allocate
 from rehead.convert.dha_fusion import LayerFusion, agglomerate, augmented
 from rehead.errors import ReheadError
-from rehead.inspect import describe
+from rehead.describe import describe
 from rehead.layouts.configuration_dha import DHAConfig
 from rehead.layouts.modeling_dha import DHAForCausalLM
 

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from rehead.cli import main  # noqa: E402
+from rehead.app.cli import main  # noqa: E402
 from rehead.errors import ReheadError  # noqa: E402
 from rehead.eval import evaluate, harness, offline  # noqa: E402
 from rehead.eval.report import compare  # noqa: E402

@@ -11,7 +11,7 @@ import rehead  # noqa: F401
 import rehead.layouts.modeling_stack as modeling_stack
 from rehead.convert import convert
 from rehead.errors import ReheadError
-from rehead.inspect import describe
+from rehead.describe import describe
 from rehead.layouts.configuration_gda import GDAConfig
 from rehead.layouts.modeling_gda import GDAForCausalLM
 

@@ -7,10 +7,10 @@ import torch
 from conftest import byte_tokenizer
 
 from rehead import text
-from rehead.cli import main
+from rehead.app.cli import main
 from rehead.convert import convert
 from rehead.errors import ReheadError
-from rehead.inspect import describe
+from rehead.describe import describe
 
 
 def test_inspect_a_gqa_source(tiny, capsys):

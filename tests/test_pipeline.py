@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from rehead import pipeline  # noqa: E402
+from rehead.app import pipeline  # noqa: E402
 from rehead.errors import ReheadError  # noqa: E402
 
 

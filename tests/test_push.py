@@ -7,7 +7,7 @@ import pytest
 import yaml
 from hub_server import FakeHub
 
-from rehead.cli import main
+from rehead.app.cli import main
 from rehead.convert import convert
 from rehead.errors import ReheadError
 from rehead.hub import card, files_to_upload, push

@@ -49,7 +49,7 @@ def test_loss_goes_down_and_the_export_loads_without_rehead(tiny, tmp_path, cali
     src = tiny("gqa")
     moh = convert(src, tmp_path / "moh", to="moh", router="learned", active_heads=4, shared_heads=2,
                   calib=str(calib_file), calib_tokens=1024, calib_seq_len=128)
-    out = tune(recipe(tmp_path, moh, calib_file, **{"train.max_steps": 40, "train.eval_every": 20}))
+    out = tune(recipe(tmp_path, moh, calib_file, **{"train.max_steps": 40, "train.eval_every": 20})).model
     train = metrics(tmp_path / "run", "train")
     first = sum(r["lm"] for r in train[:5]) / 5
     last = sum(r["lm"] for r in train[-5:]) / 5
@@ -73,7 +73,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path, calib_
                   calib=str(calib_file), calib_tokens=1024, calib_seq_len=128)
     values = {"teacher": str(src), "loss.kd": 0.5, "train.max_steps": 6, "train.save_every": 3, "train.grad_accum": 2,
               "train.micro_batch": 2, "train.eval_every": 2}
-    straight = tune(recipe(tmp_path, moh, calib_file, **values, output_dir=str(tmp_path / "straight")))
+    straight = tune(recipe(tmp_path, moh, calib_file, **values, output_dir=str(tmp_path / "straight"))).model
 
     cut = recipe(tmp_path, moh, calib_file, **values, output_dir=str(tmp_path / "cut"))
     (tmp_path / "cut.yaml").write_text(cut.dump())
@@ -84,7 +84,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny, tmp_path, calib_
     assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-00000003"]
     assert not (tmp_path / "cut" / "model").exists()
 
-    resumed = tune(load(tmp_path / "cut.yaml"))
+    resumed = tune(load(tmp_path / "cut.yaml")).model
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
@@ -151,7 +151,7 @@ def test_moh_load_balance_loss_is_part_of_the_objective(tiny, tmp_path, calib_fi
 def test_trainable_new_changes_only_what_the_conversion_added(tiny, tmp_path, calib_file):
     gda = convert(tiny("gqa"), tmp_path / "gda", to="gda", ratio=3, calib=str(calib_file), calib_tokens=512,
                   calib_seq_len=128)
-    out = tune(recipe(tmp_path, gda, calib_file, trainable="new", **{"optim.weight_decay": 0.0}))
+    out = tune(recipe(tmp_path, gda, calib_file, trainable="new", **{"optim.weight_decay": 0.0})).model
     before, after = weights(gda), weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     new = {k for k in before if re.search(r"\.self_attn\.(noise\.|diff_lambda)", k)}
@@ -165,7 +165,7 @@ def test_trainable_new_on_a_stock_checkpoint_is_refused(tiny, tmp_path, calib_fi
 
 def test_trainable_attention_leaves_the_rest(tiny, tmp_path, calib_file):
     src = tiny("gqa")
-    out = tune(recipe(tmp_path, src, calib_file, trainable="attention"))
+    out = tune(recipe(tmp_path, src, calib_file, trainable="attention")).model
     before, after = weights(src), weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if ".self_attn." in k}
@@ -173,7 +173,7 @@ def test_trainable_attention_leaves_the_rest(tiny, tmp_path, calib_file):
 
 def test_lora_is_merged_at_export(tiny, tmp_path, calib_file):
     src = tiny("gqa")
-    out = tune(recipe(tmp_path, src, calib_file, lora={"r": 4, "alpha": 8}, **{"optim.lr": 1e-2}))
+    out = tune(recipe(tmp_path, src, calib_file, lora={"r": 4, "alpha": 8}, **{"optim.lr": 1e-2})).model
     before, after = weights(src), weights(out)
     assert before.keys() == after.keys()  # no adapter tensors: merged into the weights
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -277,7 +277,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tiny, tmp_path, c
     src = tiny("gqa")
     one = recipe(tmp_path, src, calib_file, teacher=str(src), **{"loss.kd": 0.5, "output_dir": str(tmp_path / "one")})
     (tmp_path / "r.yaml").write_text(one.dump())
-    single = tune(one)
+    single = tune(one).model
     result = subprocess.run(
         ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", "-m", "rehead", "tune", str(tmp_path / "r.yaml"),
          f"output_dir={tmp_path / 'two'}", "train.micro_batch=2"],
@@ -298,7 +298,7 @@ def test_the_cpu_recipe_tunes_the_real_model_end_to_end(smollm2, tmp_path):
         "data.seq_len=64", "data.eval_tokens=256", "train.save_every=0", "train.eval_every=0",
     ])
     assert r.teacher == "smollm2-135m" and r.loss.kd > 0
-    out = tune(r)
+    out = tune(r).model
     evals = metrics(tmp_path / "run", "eval")
     assert [e["step"] for e in evals] == [0, 2] and all(e["eval_ppl"] > 1 for e in evals)
     assert all(row["kd"] > 0 for row in metrics(tmp_path / "run", "train"))
@@ -309,13 +309,13 @@ def test_the_cpu_recipe_tunes_the_real_model_end_to_end(smollm2, tmp_path):
 def test_a_streamed_run_trains_and_resumes_like_an_uninterrupted_one(tiny, tmp_path, calib_file):
     src = tiny("gqa")
     values = {"data.streaming": True, "data.shuffle_buffer": 16, "train.max_steps": 4, "train.save_every": 2}
-    straight = tune(recipe(tmp_path, src, calib_file, **values, output_dir=str(tmp_path / "a")))
+    straight = tune(recipe(tmp_path, src, calib_file, **values, output_dir=str(tmp_path / "a"))).model
     cut = recipe(tmp_path, src, calib_file, **values, output_dir=str(tmp_path / "b"))
     (tmp_path / "b.yaml").write_text(cut.dump())
     killed = subprocess.run([sys.executable, "-m", "rehead", "tune", str(tmp_path / "b.yaml")], capture_output=True,
                             env={**os.environ, "REHEAD_FAULT": "kill-after-step:2"}, cwd=tmp_path)
     assert killed.returncode == -9
-    resumed = tune(load(tmp_path / "b.yaml"))
+    resumed = tune(load(tmp_path / "b.yaml")).model
     a, b, start = weights(straight), weights(resumed), weights(src)
     assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], start[k]) for k in a)
 

@@ -18,13 +18,15 @@ import signal
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rehead import export, models, text
+from rehead import models, text, writer
 from rehead.errors import ReheadError
+from rehead.provenance import EvalPoint, Provenance, TuneRecord
 
 from .data import PackedBlocks, StreamedBlocks, pack
 from .losses import Objective
@@ -241,17 +243,9 @@ class Trainer:
         return math.exp(total[0].item() / total[1].item())
 
     # ---- the run -----------------------------------------------------------------------------
-    def run(self) -> Path:
+    def _prepare(self, model, teacher, total: int):
+        """LoRA, the trainable selection, AdamW, the schedule and the objective, prepared by accelerate."""
         r, acc = self.recipe, self.acc
-        total = self.total_steps()
-        resume = self._resume_from()
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for partial in self.ckpt_root.glob(".step-*.partial"):
-                shutil.rmtree(partial, ignore_errors=True)
-            (self.out / "recipe.yaml").write_text(r.dump())
-        model, tokenizer, source, teacher = self._load()
-        train, held = self._data(tokenizer, total)
         if r.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if r.lora is not None:
@@ -259,10 +253,10 @@ class Trainer:
 
             model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
                                                      target_modules=r.lora.target_modules, task_type="CAUSAL_LM"))
-        names = select_trainable(model, r.trainable, r.lora is not None)
-        flops = flops_per_token(model.get_base_model() if r.lora else model, r.data.seq_len)
+        self.trainable = select_trainable(model, r.trainable, r.lora is not None)
+        self.flops = flops_per_token(model.get_base_model() if r.lora else model, r.data.seq_len)
         decay, no_decay = [], []
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         optimizer = torch.optim.AdamW(
@@ -278,89 +272,105 @@ class Trainer:
         if teacher is not None:
             teacher.to(self.device).eval()
         if r.log != "none":
-            acc.init_trackers("rehead", config={"model": r.model, "layout": export.layout_of(model.config) or "stock",
+            acc.init_trackers("rehead", config={"model": r.model, "layout": writer.layout_of(model.config) or "stock",
                                                 "lr": r.optim.lr, "seq_len": r.data.seq_len})
+        return objective, optimizer, scheduler
 
-        step, tokens_seen, history = 0, 0, []
-        if resume is not None:
-            acc.load_state(str(resume))
-            state = json.loads((resume / STATE).read_text())
-            step, tokens_seen, history = state["step"], state["tokens"], state["history"]
-            with warnings.catch_warnings():  # stepping a scheduler without its optimizer is the point here
-                warnings.simplefilter("ignore", UserWarning)
-                for _ in range(step):
-                    scheduler.step()
-            if self.csv is not None and acc.is_main_process:
-                self.csv.truncate(step)
-            log.info("resumed from %s at step %d", resume, step)
-        peak = r.train.peak_tflops or detect_peak_tflops(self.device)
-        tokens_per_step = train.per_step * r.data.seq_len
+    def _resume(self, resume: Path, scheduler) -> tuple[int, int, list]:
+        """Loads a checkpoint's state; returns (step, tokens seen, held-out history)."""
+        self.acc.load_state(str(resume))
+        state = json.loads((resume / STATE).read_text())
+        with warnings.catch_warnings():  # stepping a scheduler without its optimizer is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state["step"]):
+                scheduler.step()
+        if self.csv is not None and self.acc.is_main_process:
+            self.csv.truncate(state["step"])
+        log.info("resumed from %s at step %d", resume, state["step"])
+        return state["step"], state["tokens"], state["history"]
+
+    def _record(self, values: dict, at: int) -> None:
+        self.acc.log(values, step=at)
+        if self.acc.is_main_process:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps({"step": at, **values}) + "\n")
+
+    def _step(self, objective, optimizer, scheduler, train, step: int, last_good: Path | None) -> dict:
+        """One optimizer step over the step's micro-batches; returns the logged values."""
+        r, acc = self.recipe, self.acc
+        started = time.perf_counter()
+        micro = train.micro_batches(step, acc.process_index)
+        sums = torch.zeros(3, device=self.device)
+        for i, ids in enumerate(micro):
+            sync = i == len(micro) - 1
+            with nullcontext() if sync else acc.no_sync(objective):
+                out = objective(ids.to(self.device))
+                acc.backward(out["loss"] / len(micro))
+            sums += torch.stack([out["loss"].detach(), out["lm"], out["kd"]]) / len(micro)
+        grad_norm = acc.clip_grad_norm_(objective.parameters(), r.optim.clip) if r.optim.clip else None
+        sums = acc.reduce(sums, reduction="mean")
+        if not torch.isfinite(sums).all():
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+            raise ReheadError(
+                f"the loss became {sums[0].item()} at step {step + 1} (lm {sums[1].item()}, kd {sums[2].item()}); "
+                f"stopped before the update; {where}. Lower optim.lr, raise optim.warmup_steps, or use precision: fp32"
+            )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens = train.per_step * r.data.seq_len
+        tps = tokens / (time.perf_counter() - started)
+        values = {"kind": "train", "loss": sums[0].item(), "lm": sums[1].item(), "kd": sums[2].item(), "lr": lr,
+                  "tokens_per_s": tps, "peak_memory_gb": peak_memory_bytes(self.device) / 2**30}
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        if self.peak:
+            values["mfu"] = tps * self.flops / (self.peak * 1e12 * acc.num_processes)
+        return values
+
+    def run(self) -> "TuneResult":
+        r, acc = self.recipe, self.acc
+        total = self.total_steps()
+        resume = self._resume_from()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for partial in self.ckpt_root.glob(".step-*.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
+            (self.out / "recipe.yaml").write_text(r.dump())
+        model, tokenizer, source, teacher = self._load()
+        train, held = self._data(tokenizer, total)
+        objective, optimizer, scheduler = self._prepare(model, teacher, total)
+        step, tokens_seen, history = self._resume(resume, scheduler) if resume is not None else (0, 0, [])
+        self.peak = r.train.peak_tflops or detect_peak_tflops(self.device)
         log.info("tuning %s: %d trainable tensors, %d steps of %d tokens on %d process(es)",
-                 r.model, len(names), total, tokens_per_step, acc.num_processes)
-
-        def record(values: dict, at: int) -> None:
-            acc.log(values, step=at)
-            if acc.is_main_process:
-                with (self.out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps({"step": at, **values}) + "\n")
-
+                 r.model, len(self.trainable), total, train.per_step * r.data.seq_len, acc.num_processes)
         if step == 0 and held is not None:
-            ppl = self.evaluate(objective, held)
-            history.append({"step": 0, "eval_ppl": ppl})
-            record({"kind": "eval", "eval_ppl": ppl}, 0)
+            history.append({"step": 0, "eval_ppl": self.evaluate(objective, held)})
+            self._record({"kind": "eval", "eval_ppl": history[-1]["eval_ppl"]}, 0)
         last_good = resume
         bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="tune", unit="step")
         objective.train()
-        rank = acc.process_index
         while step < total:
-            started = time.perf_counter()
-            micro = train.micro_batches(step, rank)
-            sums = torch.zeros(3, device=self.device)
-            for i, ids in enumerate(micro):
-                sync = i == len(micro) - 1
-                with nullcontext() if sync else acc.no_sync(objective):
-                    out = objective(ids.to(self.device))
-                    acc.backward(out["loss"] / len(micro))
-                sums += torch.stack([out["loss"].detach(), out["lm"], out["kd"]]) / len(micro)
-            grad_norm = acc.clip_grad_norm_(objective.parameters(), r.optim.clip) if r.optim.clip else None
-            sums = acc.reduce(sums, reduction="mean")
-            if not torch.isfinite(sums).all():
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-                raise ReheadError(
-                    f"the loss became {sums[0].item()} at step {step + 1} (lm {sums[1].item()}, kd {sums[2].item()}); "
-                    f"stopped before the update; {where}. Lower optim.lr, raise optim.warmup_steps, or use precision: fp32"
-                )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            values = self._step(objective, optimizer, scheduler, train, step, last_good)
             step += 1
-            tokens_seen += tokens_per_step
-            elapsed = time.perf_counter() - started
-            tps = tokens_per_step / elapsed
-            values = {"kind": "train", "loss": sums[0].item(), "lm": sums[1].item(), "kd": sums[2].item(), "lr": lr,
-                      "tokens": tokens_seen, "tokens_per_s": tps,
-                      "peak_memory_gb": peak_memory_bytes(self.device) / 2**30}
-            if grad_norm is not None:
-                values["grad_norm"] = float(grad_norm)
-            if peak:
-                values["mfu"] = tps * flops / (peak * 1e12 * acc.num_processes)
+            tokens_seen += train.per_step * r.data.seq_len
+            values["tokens"] = tokens_seen
             if step % r.train.log_every == 0 or step == total:
-                record(values, step)
-            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tps:.0f}")
+                self._record(values, step)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
             bar.update(1)
             if held is not None and ((r.train.eval_every and step % r.train.eval_every == 0) or step == total):
-                ppl = self.evaluate(objective, held)
-                history.append({"step": step, "eval_ppl": ppl})
-                record({"kind": "eval", "eval_ppl": ppl}, step)
-                bar.write(f"step {step}: held-out perplexity {ppl:.3f}") if acc.is_main_process else None
+                history.append({"step": step, "eval_ppl": self.evaluate(objective, held)})
+                self._record({"kind": "eval", "eval_ppl": history[-1]["eval_ppl"]}, step)
+                bar.write(f"step {step}: held-out perplexity {history[-1]['eval_ppl']:.3f}") if acc.is_main_process else None
             if (r.train.save_every and step % r.train.save_every == 0) or step == total:
                 last_good = self.save_checkpoint(step, {"step": step, "tokens": tokens_seen, "history": history})
             _fault(step)
         bar.close()
         final = self.export(objective, tokenizer, source, step, tokens_seen, history)
         acc.end_training()
-        return final
+        return TuneResult(final, step, tokens_seen, [EvalPoint(**point) for point in history])
 
     def export(self, objective, tokenizer, source, step: int, tokens: int, history: list) -> Path:
         r, acc = self.recipe, self.acc
@@ -375,14 +385,24 @@ class Trainer:
                 state = {k.removeprefix("student."): v for k, v in state.items()}
         out = self.out / "model"
         if acc.is_main_process:
-            export.save(student, out, source.path, {"tune": {
-                "recipe": json.loads(json.dumps(r.model_dump(mode="json"))),
-                "steps": step, "tokens": tokens, "eval": history,
-            }}, tokenizer=tokenizer, state_dict=state, overwrite=True)
+            record = Provenance.load(source.path) or Provenance(layout=writer.layout_of(student.config))
+            record.tune = TuneRecord(recipe=r.model_dump(mode="json"), steps=step, tokens=tokens,
+                                     eval=[EvalPoint(**point) for point in history])
+            writer.save_model(student, out, record, source.path, tokenizer, state_dict=state, overwrite=True)
             log.info("wrote %s", out)
         acc.wait_for_everyone()
         return out
 
 
-def tune(recipe: Recipe) -> Path:
+@dataclass(frozen=True)
+class TuneResult:
+    """What a tuning run made: the exported model, and its held-out perplexity at the steps it was measured."""
+
+    model: Path
+    steps: int
+    tokens: int
+    history: list[EvalPoint]
+
+
+def tune(recipe: Recipe) -> TuneResult:
     return Trainer(recipe).run()

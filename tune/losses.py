@@ -53,9 +53,6 @@ class Objective(nn.Module):
         """Sums over the predicted tokens of the block: {"lm", "kd", "layout" (means), "loss", "tokens"}."""
         decoder, head = self._parts(self.student)
         base = self.student.get_base_model() if hasattr(self.student, "get_base_model") else self.student
-        for layer in getattr(decoder, "layers", []):  # layouts keep their per-forward auxiliary losses here
-            if hasattr(layer.self_attn, "aux_loss"):
-                layer.self_attn.aux_loss = None
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
         labels = input_ids[:, 1:].flatten()
         want_kd = self.kd > 0 and self.teacher is not None
@@ -75,7 +72,7 @@ class Objective(nn.Module):
                 totals = totals + _chunk_terms(*args)
         tokens = labels.numel()
         lm, kd = totals[0] / tokens, totals[1] / tokens
-        extra = base.layout_loss() if hasattr(base, "layout_loss") else None
+        extra = base.layout_loss() if hasattr(base, "layout_loss") else None  # the layout's terms of this forward
         layout = extra if extra is not None else lm.new_zeros(())
         loss = self.lm * lm + self.kd * kd + self.layout * layout
         return {"loss": loss, "lm": lm.detach(), "kd": kd.detach(), "layout": layout.detach(),

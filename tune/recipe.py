@@ -6,6 +6,8 @@ Every key is documented by its field description; unknown keys and wrong types a
 with the key's dotted name, the value given and the type expected.
 """
 
+import difflib
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -132,13 +134,39 @@ def _message(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def builtin_recipes() -> dict:
+    """The recipes that ship with rehead (package data), by name: ``smollm2-135m-moh``, ... and the
+    accelerate configs as ``accelerate/single-gpu``, ..."""
+    root = resources.files("rehead.recipes")
+    found = {p.name.removesuffix(".yaml"): p for p in root.iterdir() if p.name.endswith(".yaml")}
+    found.update({f"accelerate/{p.name.removesuffix('.yaml')}": p for p in root.joinpath("accelerate").iterdir()
+                  if p.name.endswith(".yaml")})
+    return dict(sorted(found.items()))
+
+
+def locate(spec: str | Path):
+    """A recipe file: an existing path, or the name of a built-in recipe (a ``Traversable`` of the package)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    known = builtin_recipes()
+    if str(spec) in known:
+        return known[str(spec)]
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        raise ReheadError(f"recipe {spec}: no such file")
+    names = [n for n in known if not n.startswith("accelerate/")]
+    close = difflib.get_close_matches(str(spec), names, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ReheadError(f"recipe {spec!r}: no such file or built-in recipe; {hint}built-in: {', '.join(names)} "
+                      "(rehead recipes lists them)")
+
+
 def load(path: str | Path | None, overrides: list[str] = (), values: dict | None = None) -> Recipe:
-    """The recipe in ``path`` (or just ``values``) with ``overrides`` ("a.b=value", YAML-parsed) applied."""
+    """The recipe in ``path`` (a file or a built-in recipe's name; or just ``values``) with ``overrides``
+    ("a.b=value", YAML-parsed) applied."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ReheadError(f"recipe {path}: no such file")
+        path = locate(path)
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

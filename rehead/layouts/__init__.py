@@ -1,9 +1,15 @@
-"""The head layouts rehead writes, as transformers models.
+"""The head layouts rehead writes, as transformers models, and their registry.
 
 Each layout is a ``configuration_*.py`` + ``modeling_*.py`` pair that imports only torch and
-transformers, because the pair is copied into every checkpoint of that layout.
+transformers, because the pair (with the sibling files its modeling file imports) is copied into
+every checkpoint of that layout. Everything rehead says about a layout comes from the pair: the
+config class describes it (``layout_summary``, ``kv_heads_per_layer``, ``layout_facts``,
+``card_lines``), the model class knows what a conversion added (``_rehead_new_parameters``) and
+its own loss (``layout_loss``). A layout is added with one ``register`` line.
 """
 
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +22,11 @@ from .modeling_dha import DHAForCausalLM
 from .modeling_gda import GDAForCausalLM
 from .modeling_moh import MoHForCausalLM
 
-HERE = Path(__file__).parent
+SIBLING_IMPORT = re.compile(r"^from \.(\w+) import", re.MULTILINE)
+
+
+def _file(cls: type) -> Path:
+    return Path(sys.modules[cls.__module__].__file__)
 
 
 @dataclass(frozen=True)
@@ -31,28 +41,42 @@ class Layout:
 
     @property
     def files(self) -> list[Path]:
-        return [HERE / f"configuration_{self.name}.py", HERE / f"modeling_{self.name}.py", HERE / "modeling_stack.py"]
+        """The files a checkpoint of this layout carries: the configuration and modeling files, and the
+        sibling modules the modeling file imports (``from .modeling_stack import ...``)."""
+        config_file, model_file = _file(self.config_class), _file(self.model_class)
+        siblings = [model_file.with_name(f"{name}.py") for name in SIBLING_IMPORT.findall(model_file.read_text())]
+        return list(dict.fromkeys([config_file, model_file, *siblings]))
 
     @property
     def auto_map(self) -> dict[str, str]:
         return {
-            "AutoConfig": f"configuration_{self.name}.{self.config_class.__name__}",
-            "AutoModelForCausalLM": f"modeling_{self.name}.{self.model_class.__name__}",
+            "AutoConfig": f"{_file(self.config_class).stem}.{self.config_class.__name__}",
+            "AutoModelForCausalLM": f"{_file(self.model_class).stem}.{self.model_class.__name__}",
         }
 
 
-LAYOUTS = {
-    layout.name: layout
-    for layout in [
-        Layout("moh", MoHConfig, MoHForCausalLM),
-        Layout("dha", DHAConfig, DHAForCausalLM),
-        Layout("gda", GDAConfig, GDAForCausalLM),
-    ]
-}
-BY_MODEL_TYPE = {layout.model_type: layout for layout in LAYOUTS.values()}
+LAYOUTS: dict[str, Layout] = {}
+BY_MODEL_TYPE: dict[str, Layout] = {}
 
 
-def register_auto_classes() -> None:
-    for layout in LAYOUTS.values():
-        AutoConfig.register(layout.model_type, layout.config_class, exist_ok=True)
-        AutoModelForCausalLM.register(layout.config_class, layout.model_class, exist_ok=True)
+def register(name: str, config_class: type, model_class: type) -> Layout:
+    """Makes a layout known to rehead (inspect, writer, card, tune) and to transformers' Auto classes."""
+    layout = Layout(name, config_class, model_class)
+    LAYOUTS[name] = BY_MODEL_TYPE[layout.model_type] = layout
+    AutoConfig.register(layout.model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    return layout
+
+
+def layout_config(config: dict):
+    """The layout's config object for a config.json dict, or None for a stock checkpoint."""
+    layout = BY_MODEL_TYPE.get(config.get("model_type"))
+    if layout is None:
+        return None
+    values = {k: v for k, v in config.items() if k not in ("auto_map", "architectures", "model_type")}
+    return layout.config_class(**values)
+
+
+register("moh", MoHConfig, MoHForCausalLM)
+register("dha", DHAConfig, DHAForCausalLM)
+register("gda", GDAConfig, GDAForCausalLM)

@@ -23,6 +23,19 @@ class DHAConfig(LlamaConfig):
     key_head_of_query: list | None = None
     value_head_of_query: list | None = None
 
+    # what rehead's inspect and model card say about the layout
+    layout_summary = ("decoupled-head attention (DHA, Chen et al. 2024): similar key heads and similar value heads "
+                      "fused, separately and per layer")
+
+    def kv_heads_per_layer(self) -> tuple[list[int], list[int]]:
+        return list(self.key_heads_per_layer), list(self.value_heads_per_layer)
+
+    def layout_facts(self, read=None) -> dict:
+        return {"key_head_of_query": self.key_head_of_query, "value_head_of_query": self.value_head_of_query}
+
+    def card_lines(self) -> list[str]:
+        return []
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         heads, layers = self.num_attention_heads, self.num_hidden_layers

@@ -22,9 +22,33 @@ class GDAConfig(LlamaConfig):
     gda_subln: bool = False
     gda_lambda_init: float = 0.0
 
+    # what rehead's inspect and model card say about the layout
+    layout_summary = ("grouped differential attention (GDA, Lim et al. 2025): many signal heads share few "
+                      "noise-control heads")
+
     @property
     def gda_ratio(self) -> int:
         return self.num_attention_heads // self.gda_noise_heads
+
+    def kv_heads_per_layer(self) -> tuple[list[int], list[int]]:
+        """Noise keys are cached beside the signal keys; values are shared."""
+        layers, kv = self.num_hidden_layers, self.num_key_value_heads
+        return [kv + self.gda_noise_heads] * layers, [kv] * layers
+
+    def layout_facts(self, read=None) -> dict:
+        """``read(name)``, where given, reads a tensor of the checkpoint: λ then tells how far training has
+        moved each layer away from the source's attention."""
+        facts = {"signal_heads": self.num_attention_heads, "noise_heads": self.gda_noise_heads,
+                 "ratio": self.gda_ratio, "subln": self.gda_subln}
+        if read is not None:
+            lambdas = [read(f"model.layers.{i}.self_attn.diff_lambda").float() for i in range(self.num_hidden_layers)]
+            facts["lambda_mean_abs"] = round(sum(x.abs().mean().item() for x in lambdas) / len(lambdas), 6)
+            facts["lambda_max_abs"] = round(max(x.abs().max().item() for x in lambdas), 6)
+        return facts
+
+    def card_lines(self) -> list[str]:
+        return [f"- {self.num_attention_heads} signal heads and {self.gda_noise_heads} shared noise-control heads "
+                "per layer (differential attention)"]
 
     def validate_architecture(self):
         # head_dim is explicit: repurposing heads leaves hidden_size no multiple of the head count

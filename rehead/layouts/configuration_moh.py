@@ -28,6 +28,26 @@ class MoHConfig(LlamaConfig):
     moh_router: str = "query-norm"
     moh_aux_loss_coef: float = 0.01
 
+    # what rehead's inspect and model card say about the layout
+    layout_summary = ("mixture-of-head attention (MoH, Jin et al. 2024): each token uses its top-k heads plus "
+                      "always-on shared heads, with gated head outputs")
+
+    def kv_heads_per_layer(self) -> tuple[list[int], list[int]]:
+        return [self.num_key_value_heads] * self.num_hidden_layers, [self.num_key_value_heads] * self.num_hidden_layers
+
+    def layout_facts(self, read=None) -> dict:
+        return {
+            "active_heads": self.moh_active_heads,
+            "shared_heads_per_layer": self.moh_shared_heads,
+            "router": self.moh_router,
+            "active_fraction": round(self.moh_active_heads / self.num_attention_heads, 4),
+        }
+
+    def card_lines(self) -> list[str]:
+        heads = self.num_attention_heads
+        return [f"- Active heads: {self.moh_active_heads} of {heads} per token "
+                f"({100 * self.moh_active_heads / heads:.0f}%), router `{self.moh_router}`"]
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.moh_active_heads is None:

@@ -136,6 +136,11 @@ class MoHModel(MoHPreTrainedModel, LlamaModel):
     def __init__(self, config: MoHConfig):
         init_stack(self, config, MoHDecoderLayer)
 
+    def forward(self, *args, **kwargs):
+        for layer in self.layers:  # each forward's load-balance terms are its own (MoHForCausalLM.layout_loss)
+            layer.self_attn.aux_loss = None
+        return super().forward(*args, **kwargs)
+
 
 class MoHForCausalLM(MoHPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     # what the conversion added (rehead tune's `trainable: new`): the learned router

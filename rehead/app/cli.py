@@ -7,31 +7,21 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic_core import PydanticUndefined
 
+from rehead.convert.options import flag
 from rehead.errors import ReheadError
+from rehead.files import write_text
 
 log = logging.getLogger("rehead")
 
 
-def _head_value(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a count (7) or a fraction of the heads (0.75)") from None
-
-
-def _options_error(error: ValidationError) -> ReheadError:
-    parts = []
-    for item in error.errors():
-        flag = "--" + "-".join(str(p) for p in item["loc"]).replace("_", "-")
-        parts.append(f"{flag} {item.get('input')!r}: {item['msg']}")
-    return ReheadError("; ".join(parts))
-
-
 def cmd_inspect(args) -> int:
-    from rehead.inspect import describe, format_text
+    from rehead.describe import describe, format_text
     from rehead.sources import resolve
 
     info = describe(resolve(args.src, args.revision, args.allow_pickle).path, args.allow_pickle)
@@ -40,17 +30,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from rehead.convert import convert
-    from rehead.convert.options import ConvertOptions
+    from rehead.convert import CONVERTERS, convert, options_for
+    from rehead.describe import describe, format_text
 
-    values = {k: v for k, v in vars(args).items() if k not in ("src", "out", "func", "command", "verbose")}
-    try:
-        options = ConvertOptions(**{k: v for k, v in values.items() if v is not None})
-    except ValidationError as e:
-        raise _options_error(e) from None
-    from rehead.inspect import describe, format_text
-
-    out = convert(args.src, args.out, options)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("src", "out", "func", "command",
+                                                                                  "verbose")}
+    for layout, converter in CONVERTERS.items():  # every layout's flags are parsed; only --to's may be given
+        wrong = [flag(name) for name in converter.Options.own_fields() if name in given and layout != args.to
+                 and name not in CONVERTERS[args.to].Options.model_fields]
+        if wrong:
+            raise ReheadError(f"{', '.join(wrong)}: an option of --to {layout}, not of --to {args.to}")
+    out = convert(args.src, args.out, options_for(given))
     print(format_text(describe(out)))
     print(f"wrote {out}")
     return 0
@@ -79,13 +69,34 @@ def cmd_tune(args) -> int:
     from rehead.tune import load, tune
 
     recipe = load(args.recipe, args.overrides)
-    out = tune(recipe)
+    result = tune(recipe)
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, one process reports
-        history = json.loads((out / "rehead.json").read_text()).get("tune", {}).get("eval") or []
-        if len(history) > 1:
-            curve = " → ".join(f"{h['eval_ppl']:.2f}" for h in history)
-            print(f"held-out perplexity on {recipe.data.eval!r} at steps {[h['step'] for h in history]}: {curve}")
-        print(f"wrote {out}")
+        if len(result.history) > 1:
+            curve = " → ".join(f"{h.eval_ppl:.2f}" for h in result.history)
+            print(f"held-out perplexity on {recipe.data.eval!r} at steps {[h.step for h in result.history]}: {curve}")
+        print(f"wrote {result.model}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from rehead.tune.recipe import builtin_recipes, locate
+
+    if args.action == "ls":
+        for name, path in builtin_recipes().items():
+            lines = path.read_text().splitlines()
+            about = lines[0].removeprefix("#").strip() if lines and lines[0].startswith("#") else ""
+            print(f"{name:<24}{about}")
+        return 0
+    if not args.name:
+        raise ReheadError("rehead recipes cp NAME [DEST]: give the recipe to copy (rehead recipes lists them)")
+    source = locate(args.name)
+    dest = Path(args.dest or f"{Path(args.name).name}.yaml")
+    if dest.is_dir():
+        dest = dest / f"{Path(args.name).name}.yaml"
+    if dest.exists() and not args.overwrite:
+        raise ReheadError(f"{dest} exists; pass --overwrite to replace it, or give another DEST")
+    write_text(dest, source.read_text())
+    print(f"copied {args.name} to {dest}; run it with: rehead tune {dest}")
     return 0
 
 
@@ -95,7 +106,7 @@ def cmd_eval(args) -> int:
 
     outcome = evaluate(args.candidate, args.baseline, args.tasks, args.suite, args.num_fewshot, args.limit,
                        args.batch_size, args.device, args.dtype, args.out, args.bootstrap_iters, not args.no_cache)
-    print(table(outcome.rows, outcome.average_retention, *_names(outcome)))
+    print(table(outcome.rows, outcome.average_retention, outcome.baseline, outcome.candidate))
     print(f"wrote {outcome.out}/results.json, report.md, report.png")
     if args.min_retention is not None:
         average = outcome.average_retention
@@ -106,14 +117,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _names(outcome) -> tuple[str, str]:
-    results = json.loads((outcome.out / "results.json").read_text())
-    return results["baseline"]["model"], results["candidate"]["model"]
-
-
 def cmd_push(args) -> int:
-    from pathlib import Path
-
     from rehead.hub import push
 
     result = push(Path(args.dir), args.repo, args.private, args.revision, args.create_pr, args.message,
@@ -129,9 +133,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from pathlib import Path
-
-    from rehead import pipeline
+    from rehead.app import pipeline
 
     settings = pipeline.Settings(
         source=args.src, layouts=tuple(x.strip() for x in args.layouts.split(",") if x.strip()), work=Path(args.work),
@@ -144,67 +146,77 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rehead", description="Rewrite a trained LLaMA-family checkpoint's attention into MoH, DHA or GDA heads."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", required=True)
+SOURCE_HELP = "built-in name (smollm2-135m, smollm2-135m-mha), local folder or hub id"
 
-    def source_args(p):
-        p.add_argument("--revision", help="hub revision of SRC (branch, tag or commit)")
-        p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)")
 
+def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="show a checkpoint's attention layout, heads and KV-cache size")
-    p.add_argument("src", help="built-in name (smollm2-135m, smollm2-135m-mha), local folder or hub id")
+    p.add_argument("src", help=SOURCE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
-    source_args(p)
+    p.add_argument("--revision", help="hub revision of SRC (branch, tag or commit)")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled .bin weights (weights_only=True)")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_option(group, name: str, field) -> None:
+    """One flag from an options field: its type, choices, help and default come from the model."""
+    annotation = field.annotation
+    if get_origin(annotation) in (Union, UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    kwargs = {"dest": name, "help": field.description or ""}
+    if annotation is bool:
+        kwargs.update(action="store_true", default=None)
+    elif get_origin(annotation) is Literal:
+        kwargs["choices"] = list(get_args(annotation))
+    else:
+        kwargs["type"] = annotation
+    if field.default not in (None, False, PydanticUndefined):
+        kwargs["help"] += f" (default {field.default})"
+    group.add_argument(flag(name), **kwargs)
+
+
+def add_convert(sub) -> None:
+    from rehead.convert import CONVERTERS, ConvertOptions
+
     p = sub.add_parser("convert", help="rewrite a checkpoint's attention into another head layout")
-    p.add_argument("src", help="built-in name (smollm2-135m, smollm2-135m-mha), local folder or hub id")
+    p.add_argument("src", help=SOURCE_HELP)
     p.add_argument("out", help="output folder (written atomically)")
-    p.add_argument("--to", required=True, choices=["mha", "moh", "dha", "gda"], help="target layout")
-    g = p.add_argument_group("MoH")
-    g.add_argument("--active-heads", type=_head_value, help="heads per token: a count or a fraction (default 0.75)")
-    g.add_argument("--shared-heads", type=_head_value, help="always-on heads: a count or a fraction (default 0.5)")
-    g.add_argument("--router", choices=["query-norm", "learned"], help="router (default query-norm)")
-    g.add_argument("--shared", choices=["calibrated", "first"], help="which heads are shared (default calibrated)")
-    g = p.add_argument_group("DHA")
-    g.add_argument("--kv-budget", type=float, help="fraction of the K and V heads kept over all layers, e.g. 0.25")
-    g.add_argument("--k-budget", type=float, help="fraction of the key heads kept (with --v-budget)")
-    g.add_argument("--v-budget", type=float, help="fraction of the value heads kept (with --k-budget)")
-    g.add_argument("--fusion", choices=["optimal", "mean"], help="closed-form fusion (default) or GQA mean-pooling")
-    g.add_argument("--uniform", action="store_true", default=None,
-                   help="equal groups shared by K and V in every layer: a stock grouped-query checkpoint")
-    g.add_argument("--refine-steps", type=int, help="layer-local refinement steps after the closed form (default 0)")
-    g.add_argument("--refine-lr", type=float, help="learning rate of the refinement (default 1e-4)")
-    g = p.add_argument_group("GDA")
-    g.add_argument("--ratio", type=int, help="signal heads per noise-control head")
-    g.add_argument("--mode", choices=["grow", "repurpose"], help="add noise heads (default) or turn heads into them")
-    g.add_argument("--subln", action="store_true", default=None,
-                   help="DIFF Transformer's per-head RMSNorm and (1 - λ_init) scale (changes the function)")
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", help="text: built-in name, files, or datasets id (default shakespeare)")
-    g.add_argument("--calib-tokens", type=int, help="calibration tokens (default 8192)")
-    g.add_argument("--calib-seq-len", type=int, help="calibration sequence length (default 512)")
-    g.add_argument("--check-identity", action="store_true", default=None,
-                   help="verify on calibration text that every converted layer computes the source's function "
-                        "(for identity settings: MoH with every head active, DHA at budget 1, GDA grow)")
-    g = p.add_argument_group("input and output")
-    source_args(g)
-    g.add_argument("--tokenizer", help="take the tokenizer from this checkpoint or hub id")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="output dtype (default: the source's)")
-    g.add_argument("--device", help="where calibration runs: cpu, cuda, cuda:1 (default cpu)")
-    g.add_argument("--max-shard-gb", type=float, help="largest output shard in GiB (default 2)")
-    g.add_argument("--overwrite", action="store_true", default=None, help="replace OUT if it exists")
+    p.add_argument("--to", required=True, choices=list(CONVERTERS), help="target layout")
+    added = {"to"}
+    for layout, converter in CONVERTERS.items():  # each layout's own options, from its options model
+        fields = {k: f for k, f in converter.Options.own_fields().items() if k not in added}
+        if fields:
+            group = p.add_argument_group(f"--to {layout}")
+            for name, field in fields.items():
+                _add_option(group, name, field)
+            added.update(fields)
+    groups = {}
+    for name, field in ConvertOptions.model_fields.items():
+        if name not in added:
+            title = (field.json_schema_extra or {}).get("group", "input and output")
+            _add_option(groups.setdefault(title, p.add_argument_group(title)), name, field)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("tune", help="continue-train a converted checkpoint from a YAML recipe (also under accelerate launch)")
-    p.add_argument("recipe", help="YAML recipe (see recipes/)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. optim.lr=1e-5 train.max_steps=20")
+
+def add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="continue-train a converted checkpoint from a YAML recipe (also under "
+                                    "accelerate launch)")
+    p.add_argument("recipe", help="a YAML recipe file, or a built-in recipe's name (rehead recipes lists them)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. optim.lr=1e-5 train.max_steps=20")
     p.set_defaults(func=cmd_tune)
 
+
+def add_recipes(sub) -> None:
+    p = sub.add_parser("recipes", help="list the built-in recipes, or copy one out to edit")
+    p.add_argument("action", nargs="?", choices=["ls", "cp"], default="ls", help="ls (default) or cp")
+    p.add_argument("name", nargs="?", help="cp: the recipe (or accelerate/CONFIG) to copy")
+    p.add_argument("dest", nargs="?", help="cp: where to (default ./NAME.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="cp: replace DEST if it exists")
+    p.set_defaults(func=cmd_recipes)
+
+
+def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a candidate against its baseline with lm-evaluation-harness")
     p.add_argument("candidate", help="the converted (or tuned) model: folder, built-in name or hub id")
     p.add_argument("--baseline", help="the original (default: the source named in the candidate's rehead.json)")
@@ -223,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="score the baseline even if cached results exist")
     p.set_defaults(func=cmd_eval)
 
+
+def add_push(sub) -> None:
     p = sub.add_parser("push", help="check, card and upload a checkpoint to the Hugging Face Hub")
     p.add_argument("dir", help="the checkpoint folder (from rehead convert or rehead tune)")
     p.add_argument("--repo", required=True, help="ORG/NAME on the Hub")
@@ -234,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-load-check", action="store_true", help="skip loading the checkpoint before the upload")
     p.set_defaults(func=cmd_push)
 
+
+def add_pipeline(sub) -> None:
     p = sub.add_parser("pipeline", help="convert, tune, eval and card each layout of a source, in one command")
     p.add_argument("src", nargs="?", default="smollm2-135m", help="source (default: the embedded smollm2-135m)")
     p.add_argument("--layouts", default="moh,dha,gda", help="comma-separated layouts (default moh,dha,gda)")
@@ -243,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo the pipeline in an existing --work folder")
     p.set_defaults(func=cmd_pipeline)
 
+
+def add_perplexity(sub) -> None:
     p = sub.add_parser("perplexity", help="held-out perplexity of one or more models on the same text")
     p.add_argument("models", nargs="+", help="models (the first is the reference for the ratio column)")
     p.add_argument("--text", default="shakespeare-heldout", help="text spec (default shakespeare-heldout)")
@@ -252,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_perplexity)
+
+
+COMMANDS = (add_inspect, add_convert, add_tune, add_recipes, add_eval, add_push, add_pipeline, add_perplexity)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rehead", description="Rewrite a trained LLaMA-family checkpoint's attention into MoH, DHA or GDA heads."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

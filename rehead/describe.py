@@ -1,12 +1,12 @@
 """``rehead inspect``: what a checkpoint's attention looks like, read from its config and shard headers."""
 
-import json
 import math
 from pathlib import Path
 
 from rehead.checkpoint import CheckpointReader, read_config
 from rehead.heads import head_dim_of
-from rehead.layouts import BY_MODEL_TYPE
+from rehead.layouts import BY_MODEL_TYPE, layout_config
+from rehead.provenance import Provenance
 
 
 def describe(folder: Path, allow_pickle: bool = False) -> dict:
@@ -16,18 +16,15 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
     layers = config["num_hidden_layers"]
     kv = config.get("num_key_value_heads") or heads
     head_dim = head_dim_of(config)
-    k_heads = config.get("key_heads_per_layer") or [kv + config.get("gda_noise_heads", 0)] * layers
-    v_heads = config.get("value_heads_per_layer") or [kv] * layers
-    layout = BY_MODEL_TYPE[model_type].name if model_type in BY_MODEL_TYPE else _stock_layout(heads, kv)
-
+    layout = layout_config(config)
+    k_heads, v_heads = layout.kv_heads_per_layer() if layout else ([kv] * layers, [kv] * layers)
     reader = CheckpointReader(folder, allow_pickle)
-    shapes = reader.shapes()
-    params = sum(math.prod(shape) for shape in shapes.values())
+    params = sum(math.prod(shape) for shape in reader.shapes().values())
     info = {
         "path": str(folder),
         "architecture": (config.get("architectures") or [model_type])[0],
         "model_type": model_type,
-        "layout": layout,
+        "layout": BY_MODEL_TYPE[model_type].name if layout else _stock_layout(heads, kv),
         "layers": layers,
         "query_heads": heads,
         "key_heads_per_layer": k_heads,
@@ -36,40 +33,16 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         "hidden_size": config["hidden_size"],
         "parameters": params,
         "kv_cache_bytes_per_token_bf16": sum(k + v for k, v in zip(k_heads, v_heads)) * head_dim * 2,
-        "options": _options(config, layout),
+        "options": layout.layout_facts(reader.get) if layout else {},
     }
-    if layout == "gda":  # λ: how far training has moved each layer away from the source's attention
-        lambdas = [reader.get(f"model.layers.{i}.self_attn.diff_lambda").float() for i in range(layers)]
-        info["options"]["lambda_mean_abs"] = round(sum(x.abs().mean().item() for x in lambdas) / layers, 6)
-        info["options"]["lambda_max_abs"] = round(max(x.abs().max().item() for x in lambdas), 6)
-    provenance = folder / "rehead.json"
-    if provenance.is_file():
-        info["source"] = json.loads(provenance.read_text())["source"]["id"]
+    record = Provenance.load(folder)
+    if record is not None and record.source is not None:
+        info["source"] = record.source.id
     return info
 
 
 def _stock_layout(heads: int, kv: int) -> str:
     return "mha" if kv == heads else "mqa" if kv == 1 else "gqa"
-
-
-def _options(config: dict, layout: str) -> dict:
-    if layout == "moh":
-        return {
-            "active_heads": config["moh_active_heads"],
-            "shared_heads_per_layer": config["moh_shared_heads"],
-            "router": config["moh_router"],
-            "active_fraction": round(config["moh_active_heads"] / config["num_attention_heads"], 4),
-        }
-    if layout == "gda":
-        return {
-            "signal_heads": config["num_attention_heads"],
-            "noise_heads": config["gda_noise_heads"],
-            "ratio": config["num_attention_heads"] // config["gda_noise_heads"],
-            "subln": config.get("gda_subln", False),
-        }
-    if layout == "dha":
-        return {"key_head_of_query": config["key_head_of_query"], "value_head_of_query": config["value_head_of_query"]}
-    return {}
 
 
 def format_text(info: dict) -> str:
