@@ -75,6 +75,11 @@ class MoHRewriter(Rewriter):
                 f"--shared-heads {n_shared}: must be fewer than --active-heads {self.active} "
                 "(the active heads that are not shared are routed)"
             )
+        if self.options.router == "learned" and self.options.gate_gradient != "straight-through":
+            raise ReheadError(
+                f"--gate-gradient {self.options.gate_gradient} applies to the query-norm router; the learned "
+                "router's gates are its softmax weights, differentiable by design: drop --gate-gradient"
+            )
         self.n_shared = n_shared
         self.routing = self.active < heads
         self.llama = architectures.llama_config(source_config)
@@ -93,6 +98,7 @@ class MoHRewriter(Rewriter):
             moh_active_heads=self.active,
             moh_shared_heads=shared + [[] for _ in range(layers - len(shared))],
             moh_router=self.options.router,
+            moh_gate_gradient=self.options.gate_gradient,
         )
         config._attn_implementation = "sdpa"
         return config
@@ -139,6 +145,7 @@ class MoHRewriter(Rewriter):
             "active_heads": self.active,
             "shared_heads": self.n_shared,
             "router": self.options.router,
+            "gate_gradient": self.options.gate_gradient,
             "shared_per_layer": self.shared,
             "kept_energy_per_layer": [round(k, 5) for k in self.kept] or None,
         }

@@ -17,6 +17,9 @@ class ConvertOptions(BaseModel):
     active_heads: float = Field(0.75, description="heads each token uses: a count, or a fraction of the heads")
     shared_heads: float = Field(0.5, description="always-on heads: a count, or a fraction of the heads")
     router: Literal["query-norm", "learned"] = "query-norm"
+    gate_gradient: Literal["straight-through", "none"] = Field(
+        "straight-through", description="query-norm router in training: softmax gradient through the 0/1 gates, or none"
+    )
     shared: Literal["calibrated", "first"] = "calibrated"
     # DHA
     kv_budget: float | None = Field(None, description="fraction of the source's K and V heads kept, over all layers")

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shared-heads", type=_head_value, help="always-on heads: a count or a fraction (default 0.5)")
     g.add_argument("--router", choices=["query-norm", "learned"], help="router (default query-norm)")
     g.add_argument("--shared", choices=["calibrated", "first"], help="which heads are shared (default calibrated)")
+    g.add_argument("--gate-gradient", choices=["straight-through", "none"],
+                   help="query-norm router in training: softmax gradient through the 0/1 gates (default, rehead's "
+                        "own) or none (the released MoH-LLaMA3-8B)")
     g = p.add_argument_group("DHA")
     g.add_argument("--kv-budget", type=float, help="fraction of the K and V heads kept over all layers, e.g. 0.25")
     g.add_argument("--k-budget", type=float, help="fraction of the key heads kept (with --v-budget)")
