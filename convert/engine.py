@@ -84,6 +84,7 @@ class Rewriter:
     layout = ""
     needs_calibration = False
     layout_files: list[Path] = []
+    source_layouts: tuple[str, ...] = ()  # rehead layouts it also reads as a source (stock LLaMA forms always)
 
     def __init__(self, options: ConvertOptions):
         self.options = options
@@ -114,6 +115,10 @@ class Rewriter:
     def layer_module(self, index: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
         """The converted decoder layer, for producing the next layer's calibration inputs."""
         raise NotImplementedError
+
+    def source_module(self, index: int, tensors: dict[str, torch.Tensor], llama_config, device: str) -> nn.Module:
+        """The source's decoder layer holding ``tensors``, run on the calibration inputs."""
+        return build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
 
     def target_config(self) -> dict:
         raise NotImplementedError
@@ -211,7 +216,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
     if out.resolve() == source.path.resolve():
         raise ReheadError(f"{out}: the output folder is the source; choose another one")
     config = read_config(source.path)
-    architectures.check_source(config, source_spec)
+    architectures.check_source(config, source_spec, rewriter.source_layouts)
     rewriter.setup(config)
     check_output(out, options.overwrite)
     reader = CheckpointReader(source.path, options.allow_pickle)
@@ -277,7 +282,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
             planning = Calibration(calibration.hidden.clone(), calibration.position_embeddings)
             for index in tqdm(range(n_layers), desc=f"plan {rewriter.layout}", unit="layer"):
                 tensors = read_layer(index)
-                original = build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
+                original = rewriter.source_module(index, tensors, llama_config, device)
                 rewriter.observe_layer(LayerInput(index, tensors, original, planning))
                 planning.hidden = planning.run(original)
                 del original, tensors
@@ -289,7 +294,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
             tensors = read_layer(index, everything=calibration is not None)  # the source layer runs on all
             layer = LayerInput(index, tensors)
             if calibration is not None:
-                layer.source_layer = build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
+                layer.source_layer = rewriter.source_module(index, tensors, llama_config, device)
                 layer.calibration = calibration
             new = rewriter.rewrite_layer(layer)
             if calibration is not None:
@@ -329,7 +334,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
                 "kv_cache_bytes_per_token_bf16": 2 * llama_config.num_hidden_layers
                 * llama_config.num_key_value_heads * head_dim_of(config) * 2,
             },
-            "options": options.model_dump(exclude={"overwrite", "device"}),
+            "options": options.model_dump(exclude={"overwrite", "device"}, by_alias=True),
             "calibration": None
             if calib_ids is None
             else {

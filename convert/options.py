@@ -10,7 +10,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class ConvertOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     to: Literal["mha", "moh", "dha", "gda"]
     # MoH
@@ -33,6 +33,10 @@ class ConvertOptions(BaseModel):
     ratio: int | None = Field(None, description="signal heads per noise-control head")
     mode: Literal["grow", "repurpose"] = "grow"
     subln: bool = False
+    lambda_: Literal["plain", "diff"] = Field(
+        "plain", alias="lambda", description="λ per signal head, or the DIFF Transformer's per-layer re-parameterisation"
+    )
+    grow_signal: int | None = Field(None, description="signal heads added per noise-control group (a GDA source)")
     # calibration
     calib: str = "shakespeare"
     calib_tokens: int = Field(8192, gt=0)

@@ -186,7 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=int, help="signal heads per noise-control head")
     g.add_argument("--mode", choices=["grow", "repurpose"], help="add noise heads (default) or turn heads into them")
     g.add_argument("--subln", action="store_true", default=None,
-                   help="DIFF Transformer's per-head RMSNorm and (1 - λ_init) scale (changes the function)")
+                   help="DIFF Transformer's per-head RMSNorm and (1 - λ_init(l)) scale, λ_init(l) = "
+                        "0.8 - 0.6·exp(-0.3·(l - 1)) (changes the function)")
+    g.add_argument("--lambda", choices=["plain", "diff"],
+                   help="λ per signal head (default) or DIFF's per-layer exp(λq1·λk1) - exp(λq2·λk2) + λ_init; "
+                        "both start at the source's function")
+    g.add_argument("--grow-signal", type=int, metavar="N",
+                   help="SRC is a GDA checkpoint: add N signal heads per noise-control group, copies of its signal "
+                        "heads (the same function)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", help="text: built-in name, files, or datasets id (default shakespeare)")
     g.add_argument("--calib-tokens", type=int, help="calibration tokens (default 8192)")

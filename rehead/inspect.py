@@ -39,13 +39,23 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         "options": _options(config, layout),
     }
     if layout == "gda":  # λ: how far training has moved each layer away from the source's attention
-        lambdas = [reader.get(f"model.layers.{i}.self_attn.diff_lambda").float() for i in range(layers)]
+        lambdas = [_gda_lambda(reader, config, i) for i in range(layers)]
         info["options"]["lambda_mean_abs"] = round(sum(x.abs().mean().item() for x in lambdas) / layers, 6)
         info["options"]["lambda_max_abs"] = round(max(x.abs().max().item() for x in lambdas), 6)
     provenance = folder / "rehead.json"
     if provenance.is_file():
         info["source"] = json.loads(provenance.read_text())["source"]["id"]
     return info
+
+
+def _gda_lambda(reader: CheckpointReader, config: dict, layer: int):
+    """Layer ``layer``'s λ: one per signal head, or DIFF's exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init."""
+    prefix = f"model.layers.{layer}.self_attn."
+    if config.get("gda_lambda", "plain") == "plain":
+        return reader.get(prefix + "diff_lambda").float()
+    q1, k1, q2, k2 = (reader.get(prefix + f"lambda_{name}").double() for name in ("q1", "k1", "q2", "k2"))
+    lambda_init = config["gda_lambda_init"][layer]
+    return ((q1 @ k1).exp() - (q2 @ k2).exp() + lambda_init).reshape(1)
 
 
 def _stock_layout(heads: int, kv: int) -> str:
@@ -66,6 +76,7 @@ def _options(config: dict, layout: str) -> dict:
             "noise_heads": config["gda_noise_heads"],
             "ratio": config["num_attention_heads"] // config["gda_noise_heads"],
             "subln": config.get("gda_subln", False),
+            "lambda": config.get("gda_lambda", "plain"),
         }
     if layout == "dha":
         return {"key_head_of_query": config["key_head_of_query"], "value_head_of_query": config["value_head_of_query"]}

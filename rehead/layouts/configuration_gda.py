@@ -3,8 +3,17 @@
 This file travels inside converted checkpoints: it imports only transformers.
 """
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
+
+LAMBDAS = ("plain", "diff")
+
+
+def diff_lambda_init(layer: int) -> float:
+    """The DIFF Transformer's depth schedule, λ_init(l) = 0.8 − 0.6·exp(−0.3·(l − 1)), layers l counted from 1."""
+    return 0.8 - 0.6 * math.exp(-0.3 * (layer - 1))
 
 
 @strict
@@ -13,14 +22,26 @@ class GDAConfig(LlamaConfig):
 
     num_attention_heads are the signal heads; gda_noise_heads noise heads each serve a contiguous
     group of num_attention_heads / gda_noise_heads signal heads, and their keys are cached beside
-    the signal keys. gda_subln adds the DIFF Transformer's per-head RMSNorm and (1 − λ_init) scale.
+    the signal keys.
+    gda_lambda: how λ is parameterised. "plain": one parameter λ_i per signal head. "diff": the DIFF
+        Transformer's one λ per layer, λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init.
+    gda_lambda_init: DIFF's λ_init per layer (a single number applies to every layer): the constant
+        of the "diff" λ and the sub-norm's (1 − λ_init) scale.
+    gda_subln: the DIFF Transformer's per-head RMSNorm of the head outputs, scaled by (1 − λ_init).
     """
 
     model_type = "rehead_gda"
 
     gda_noise_heads: int = 1
     gda_subln: bool = False
-    gda_lambda_init: float = 0.0
+    gda_lambda: str = "plain"
+    gda_lambda_init: list | float = 0.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # one number for every layer, as configs written before the per-layer schedule have it
+        if not isinstance(self.gda_lambda_init, list):
+            self.gda_lambda_init = [float(self.gda_lambda_init)] * self.num_hidden_layers
 
     @property
     def gda_ratio(self) -> int:
@@ -38,4 +59,11 @@ class GDAConfig(LlamaConfig):
             raise ValueError(
                 f"{noise} noise heads give groups of {ratio} signal heads, which do not line up with the "
                 f"KV groups of {group}"
+            )
+        if self.gda_lambda not in LAMBDAS:
+            raise ValueError(f"gda_lambda {self.gda_lambda!r}: must be one of {', '.join(LAMBDAS)}")
+        if len(self.gda_lambda_init) != self.num_hidden_layers:
+            raise ValueError(
+                f"gda_lambda_init has {len(self.gda_lambda_init)} values for {self.num_hidden_layers} layers: "
+                "give one per layer, or one number for all"
             )
