@@ -34,7 +34,7 @@ class ConvertOptions(BaseModel):
     mode: Literal["grow", "repurpose"] = "grow"
     subln: bool = False
     lambda_: Literal["plain", "diff"] = Field(
-        "plain", alias="lambda", description="λ per signal head, or the DIFF Transformer's per-layer re-parameterisation"
+        "plain", alias="lambda", description="λ per signal head, or DIFF's per-layer re-parameterisation"
     )
     grow_signal: int | None = Field(None, description="signal heads added per noise-control group (a GDA source)")
     # calibration

@@ -77,7 +77,8 @@ def test_the_equal_head_dims_path_decodes_with_the_cache(name):
     torch.testing.assert_close(torch.stack(out.logits, 1), full[:, prompt.shape[1] - 1 : -1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and is_flash_attn_2_available()), reason="needs flash-attn and a GPU")
+@pytest.mark.skipif(not (torch.cuda.is_available() and is_flash_attn_2_available()),
+                    reason="needs flash-attn and a GPU")
 @pytest.mark.parametrize("name", list(MODELS))
 def test_flash_attention_2_matches_sdpa(name):
     ids = torch.randint(0, 50, (2, 64), device="cuda")

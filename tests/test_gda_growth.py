@@ -95,10 +95,16 @@ def test_shares_sum_to_one_and_are_uneven():
     assert grow_signal_heads(6, 6, 2, 3)[0] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
-def test_the_cli_grows_a_gda_checkpoint(tiny, tmp_path, capsys):
-    src = gda_source(tiny, tmp_path, "gqa", 3)
-    code, _ = run_cli(capsys, "convert", src, tmp_path / "grown", "--to", "gda", "--grow-signal", "1")
-    assert code == 0 and read_json(tmp_path / "grown" / "config.json")["num_attention_heads"] == 8
+def test_the_cli_converts_with_diff_lambda_then_grows(tiny, tmp_path, capsys):
+    code, _ = run_cli(capsys, "convert", tiny("gqa"), tmp_path / "gda", "--to", "gda", "--ratio", "3",
+                      "--lambda", "diff", "--subln")
+    assert code == 0 and read_json(tmp_path / "gda" / "rehead.json")["options"]["lambda"] == "diff"
+    code, _ = run_cli(capsys, "convert", tmp_path / "gda", tmp_path / "grown", "--to", "gda", "--grow-signal", "1")
+    config = read_json(tmp_path / "grown" / "config.json")
+    assert code == 0 and config["num_attention_heads"] == 8 and config["gda_lambda"] == "diff"
+    code, err = run_cli(capsys, "convert", tmp_path / "gda", tmp_path / "bad", "--to", "gda", "--grow-signal", "1",
+                        "--lambda", "plain")
+    assert code == 2 and "drop --lambda" in err
 
 
 @pytest.mark.parametrize(
