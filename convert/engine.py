@@ -83,6 +83,7 @@ class Rewriter:
     trainable = "all"
     needs_calibration = False
     needs_planning = False
+    source_layouts: tuple[str, ...] = ()  # rehead layouts it also reads as a source (stock LLaMA forms always)
 
     def __init__(self, options: ConvertOptions):
         self.options = options
@@ -90,7 +91,7 @@ class Rewriter:
 
     def check_source(self, config: dict, where: str) -> None:
         """Refuses a source this conversion cannot read (by default: anything but a LLaMA-family checkpoint)."""
-        architectures.check_source(config, where)
+        architectures.check_source(config, where, self.source_layouts)
 
     def setup(self, source_config: dict) -> None:
         """Checks the options against the source; raises ReheadError before anything is written.
@@ -119,6 +120,10 @@ class Rewriter:
     def layer_module(self, index: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
         """The converted decoder layer, for producing the next layer's calibration inputs."""
         raise NotImplementedError
+
+    def source_module(self, index: int, tensors: dict[str, torch.Tensor], llama_config, device: str) -> nn.Module:
+        """The source's decoder layer holding ``tensors``, run on the calibration inputs."""
+        return build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
 
     def target_config(self) -> dict:
         raise NotImplementedError
@@ -291,7 +296,7 @@ def plan_pass(job: SourceReader, rewriter: Rewriter, calibration: Calibration, d
     planning = Calibration(calibration.hidden.clone(), calibration.position_embeddings)
     for index in tqdm(range(job.llama.num_hidden_layers), desc=f"plan {rewriter.layout}", unit="layer"):
         tensors = job.read_layer(index)
-        original = build_layer(LlamaDecoderLayer, job.llama, index, tensors, device)
+        original = rewriter.source_module(index, tensors, job.llama, device)
         rewriter.observe_layer(LayerInput(index, tensors, original, planning))
         planning.hidden = planning.run(original)
         del original, tensors
@@ -309,7 +314,7 @@ def convert_pass(job: SourceReader, rewriter: Rewriter, sink: TensorSink, calibr
         tensors = job.read_layer(index, None if calibration is not None else rewriter.needs_tensor)
         layer = LayerInput(index, tensors)
         if calibration is not None:
-            layer.source_layer = build_layer(LlamaDecoderLayer, job.llama, index, tensors, options.device)
+            layer.source_layer = rewriter.source_module(index, tensors, job.llama, options.device)
             layer.calibration = calibration
         new = rewriter.rewrite_layer(layer)
         if calibration is not None:
@@ -339,7 +344,7 @@ def provenance(job: SourceReader, options: ConvertOptions, rewriter: Rewriter, h
             kv_cache_bytes_per_token_bf16=2 * llama.num_hidden_layers * llama.num_key_value_heads
             * head_dim_of(job.config) * 2,
         ),
-        options=options.model_dump(exclude={"overwrite", "device"}),
+        options=options.model_dump(exclude={"overwrite", "device"}, by_alias=True),
         calibration=None if ids is None else CalibrationRecord(
             text=options.calib, tokens=ids.numel(), seq_len=ids.shape[1], sha256=text.ids_hash(ids)),
         plan=rewriter.plan(),

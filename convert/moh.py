@@ -69,6 +69,9 @@ class MoHOptions(ConvertOptions):
     router: Literal["query-norm", "learned"] = Field(
         "query-norm", description="query-norm: parameter-free, a routed head's logit is its query's norm over the std "
                                   "across routed heads; learned: the paper's two-stage router with its load balance")
+    gate_gradient: Literal["straight-through", "none"] = Field(
+        "straight-through", description="query-norm router in training: a softmax gradient through the 0/1 gates "
+                                        "(rehead's addition), or none (the released MoH-LLaMA3-8B)")
     shared: Literal["calibrated", "first"] = Field(
         "calibrated", description="which heads are shared: calibrated (the heads that matter most on calibration "
                                   "text) or first (heads 0..S-1, the paper's choice)")
@@ -96,6 +99,11 @@ class MoHRewriter(Rewriter):
                 f"--shared-heads {n_shared}: must be fewer than --active-heads {self.active} "
                 "(the active heads that are not shared are routed)"
             )
+        if self.options.router == "learned" and self.options.gate_gradient != "straight-through":
+            raise ReheadError(
+                f"--gate-gradient {self.options.gate_gradient} applies to the query-norm router; the learned "
+                "router's gates are its softmax weights, differentiable by design: drop --gate-gradient"
+            )
         self.n_shared = n_shared
         self.routing = self.active < heads
         self.shared: list[list[int]] = []
@@ -113,6 +121,7 @@ class MoHRewriter(Rewriter):
             moh_active_heads=self.active,
             moh_shared_heads=shared + [[] for _ in range(layers - len(shared))],
             moh_router=self.options.router,
+            moh_gate_gradient=self.options.gate_gradient,
         )
         config._attn_implementation = "sdpa"
         return config
@@ -158,6 +167,7 @@ class MoHRewriter(Rewriter):
             "active_heads": self.active,
             "shared_heads": self.n_shared,
             "router": self.options.router,
+            "gate_gradient": self.options.gate_gradient,
             "shared_per_layer": self.shared,
             "kept_energy_per_layer": [round(k, 5) for k in self.kept] or None,
         }

@@ -15,7 +15,7 @@ CALIBRATION = {"group": "calibration"}
 
 
 class ConvertOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)  # a field may have an alias (GDA's "lambda")
 
     to: str = Field(description="target layout")
     calib: str = Field(

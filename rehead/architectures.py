@@ -13,8 +13,11 @@ from rehead.layouts import BY_MODEL_TYPE
 SOURCES = ("llama", "mistral", "qwen2")
 
 
-def check_source(config: dict, where: str) -> None:
+def check_source(config: dict, where: str, layouts: tuple[str, ...] = ()) -> None:
+    """Refuses what rehead cannot convert; ``layouts``: the rehead layouts this conversion reads too."""
     model_type = config.get("model_type")
+    if model_type in BY_MODEL_TYPE and BY_MODEL_TYPE[model_type].name in layouts:
+        return  # the layout's own config validates it
     if model_type in BY_MODEL_TYPE:
         raise ReheadError(
             f"{where}: already a rehead {BY_MODEL_TYPE[model_type].name} checkpoint; convert from the original model"

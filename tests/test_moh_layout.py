@@ -11,12 +11,14 @@ from rehead.layouts.configuration_moh import MoHConfig
 from rehead.layouts.modeling_moh import MoHForCausalLM
 
 
-def moh_model(router="query-norm", active=4, shared=((1,), (0, 2)), heads=6, kv=2, attn="sdpa", seed=0):
+def moh_model(router="query-norm", active=4, shared=((1,), (0, 2)), heads=6, kv=2, attn="sdpa", seed=0,
+              gate_gradient="straight-through"):
     base = dict(
         vocab_size=50, hidden_size=heads * 4, intermediate_size=32, num_hidden_layers=len(shared),
         num_attention_heads=heads, num_key_value_heads=kv, attention_bias=True, max_position_embeddings=64,
     )
-    config = MoHConfig(**base, moh_active_heads=active, moh_shared_heads=[list(s) for s in shared], moh_router=router)
+    config = MoHConfig(**base, moh_active_heads=active, moh_shared_heads=[list(s) for s in shared], moh_router=router,
+                       moh_gate_gradient=gate_gradient)
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = MoHForCausalLM(config).eval()
@@ -174,13 +176,34 @@ def test_query_norm_router_passes_a_straight_through_gradient():
     assert not torch.allclose(with_st, without)
 
 
+@pytest.mark.parametrize("gate_gradient", ["straight-through", "none"])
+def test_gate_gradient_none_is_a_mask_without_a_gradient_path(gate_gradient):
+    """--gate-gradient none (the released MoH-LLaMA3-8B): in training the gates are a constant 0/1 mask, so
+    q_proj gets only the attention path's gradient, the one eval mode (hard gates, nothing else) gives."""
+    ids = torch.randint(0, 50, (2, 9))
+    model = moh_model("query-norm", active=3, gate_gradient=gate_gradient).train()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, attn.config.hidden_size)
+    gates = attn.gates(x, attn.q_proj(x).view(2, 5, -1, attn.head_dim).transpose(1, 2))
+    torch.testing.assert_close(gates, gates.round(), atol=1e-6, rtol=0)  # 0/1 in the forward pass either way
+    assert (gates.grad_fn is None) == (gate_gradient == "none")
+    model(ids, labels=ids).loss.backward()
+    trained = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.eval()(ids, labels=ids).loss.backward()
+    same = all(torch.equal(trained[n], p.grad) for n, p in model.named_parameters())
+    assert same == (gate_gradient == "none")
+
+
 def test_learned_router_load_balance_loss():
     ids = torch.randint(0, 50, (2, 9))
     model = moh_model("learned", active=3).train()
     out = model(ids, labels=ids)
     extra = model.layout_loss()
-    # β·E·Σ P_i f_i >= β·k per layer (equality at perfect balance), two layers
-    assert extra.item() >= 0.01 * 2 * 2 - 1e-6
+    per_layer = torch.stack([layer.self_attn.aux_loss for layer in model.model.layers])
+    assert (per_layer >= 2 - 1e-6).all()  # E·Σ P_i f_i >= k (equality at perfect balance)
+    assert per_layer[0] != per_layer[1]  # so that a sum and a mean over layers differ below
+    torch.testing.assert_close(extra, 0.01 * per_layer.mean())  # averaged over layers, as the references do
     lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     torch.testing.assert_close(out.loss, lm + extra)
     model.model.layers[0].self_attn.router_routed.weight.grad = None
@@ -210,6 +233,8 @@ def test_zero_routers_give_unit_gates():
         (dict(moh_shared_heads=[[6], []]), "distinct heads in [0, 6)"),
         (dict(moh_shared_heads=[[]]), "has 1 layers"),
         (dict(moh_router="softmax"), "moh_router"),
+        (dict(moh_gate_gradient="soft"), "moh_gate_gradient 'soft': must be one of straight-through, none"),
+        (dict(moh_router="learned", moh_gate_gradient="none"), "applies to the query-norm router"),
     ],
 )
 def test_config_refuses_what_it_cannot_honour(values, message):
@@ -225,6 +250,21 @@ def test_config_round_trips(tmp_path):
     again = MoHConfig.from_pretrained(tmp_path)
     assert (again.moh_active_heads, again.moh_shared_heads, again.moh_router) == (4, [[1], [0, 5]], "learned")
     assert LlamaConfig.from_pretrained(tmp_path).num_attention_heads == 6
+
+
+def test_conversion_records_the_gate_gradient(tiny, tmp_path):
+    from conftest import read_json
+
+    from rehead.convert import convert
+    from rehead.errors import ReheadError
+
+    out = convert(tiny("gqa"), tmp_path / "moh", to="moh", active_heads=4, shared_heads=2, shared="first",
+                  gate_gradient="none")
+    assert read_json(out / "config.json")["moh_gate_gradient"] == "none"
+    assert read_json(out / "rehead.json")["plan"]["gate_gradient"] == "none"
+    with pytest.raises(ReheadError, match="--gate-gradient none applies to the query-norm router"):
+        convert(tiny("gqa"), tmp_path / "learned", to="moh", active_heads=4, shared_heads=2, router="learned",
+                gate_gradient="none")
 
 
 def test_router_logits_stay_float32_under_bf16_autocast():

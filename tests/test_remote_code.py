@@ -10,6 +10,7 @@ LAYOUTS = {
     "moh": ("MoHForCausalLM", dict(to="moh", active_heads=4, shared_heads=2, router="learned")),
     "dha": ("DHAForCausalLM", dict(to="dha", k_budget=0.5, v_budget=1.0)),
     "gda": ("GDAForCausalLM", dict(to="gda", ratio=3, subln=True)),
+    "gda-diff-lambda": ("GDAForCausalLM", dict(to="gda", ratio=3, subln=True, lambda_="diff")),
 }
 
 

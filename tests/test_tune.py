@@ -148,14 +148,15 @@ def test_moh_load_balance_loss_is_part_of_the_objective(tiny, tmp_path, calib_fi
     assert abs(out["loss"].item() - (out["lm"] + out["layout"]).item()) < 1e-6
 
 
-def test_trainable_new_changes_only_what_the_conversion_added(tiny, tmp_path, calib_file):
+@pytest.mark.parametrize("form", ["plain", "diff"])
+def test_trainable_new_changes_only_what_the_conversion_added(tiny, tmp_path, calib_file, form):
     gda = convert(tiny("gqa"), tmp_path / "gda", to="gda", ratio=3, calib=str(calib_file), calib_tokens=512,
-                  calib_seq_len=128)
+                  calib_seq_len=128, lambda_=form)
     out = tune(recipe(tmp_path, gda, calib_file, trainable="new", **{"optim.weight_decay": 0.0})).model
     before, after = weights(gda), weights(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    new = {k for k in before if re.search(r"\.self_attn\.(noise\.|diff_lambda)", k)}
-    assert changed == new and new
+    new = {k for k in before if re.search(r"\.self_attn\.(noise\.|diff_lambda|lambda_[qk][12])", k)}
+    assert changed == new and any("lambda_q1" in k for k in new) == (form == "diff")
 
 
 def test_trainable_new_on_a_stock_checkpoint_is_refused(tiny, tmp_path, calib_file):

@@ -3,8 +3,17 @@
 This file travels inside converted checkpoints: it imports only transformers.
 """
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
+
+LAMBDAS = ("plain", "diff")
+
+
+def diff_lambda_init(layer: int) -> float:
+    """The DIFF Transformer's depth schedule, λ_init(l) = 0.8 − 0.6·exp(−0.3·(l − 1)), layers l counted from 1."""
+    return 0.8 - 0.6 * math.exp(-0.3 * (layer - 1))
 
 
 @strict
@@ -13,14 +22,26 @@ class GDAConfig(LlamaConfig):
 
     num_attention_heads are the signal heads; gda_noise_heads noise heads each serve a contiguous
     group of num_attention_heads / gda_noise_heads signal heads, and their keys are cached beside
-    the signal keys. gda_subln adds the DIFF Transformer's per-head RMSNorm and (1 − λ_init) scale.
+    the signal keys.
+    gda_lambda: how λ is parameterised. "plain": one parameter λ_i per signal head. "diff": the DIFF
+        Transformer's one λ per layer, λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init.
+    gda_lambda_init: DIFF's λ_init per layer (a single number applies to every layer): the constant
+        of the "diff" λ and the sub-norm's (1 − λ_init) scale.
+    gda_subln: the DIFF Transformer's per-head RMSNorm of the head outputs, scaled by (1 − λ_init).
     """
 
     model_type = "rehead_gda"
 
     gda_noise_heads: int = 1
     gda_subln: bool = False
-    gda_lambda_init: float = 0.0
+    gda_lambda: str = "plain"
+    gda_lambda_init: list | float = 0.0
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # one number for every layer, as configs written before the per-layer schedule have it
+        if not isinstance(self.gda_lambda_init, list):
+            self.gda_lambda_init = [float(self.gda_lambda_init)] * self.num_hidden_layers
 
     # what rehead's inspect and model card say about the layout
     layout_summary = ("grouped differential attention (GDA, Lim et al. 2025): many signal heads share few "
@@ -39,12 +60,21 @@ class GDAConfig(LlamaConfig):
         """``read(name)``, where given, reads a tensor of the checkpoint: λ then tells how far training has
         moved each layer away from the source's attention."""
         facts = {"signal_heads": self.num_attention_heads, "noise_heads": self.gda_noise_heads,
-                 "ratio": self.gda_ratio, "subln": self.gda_subln}
+                 "ratio": self.gda_ratio, "subln": self.gda_subln, "lambda": self.gda_lambda}
         if read is not None:
-            lambdas = [read(f"model.layers.{i}.self_attn.diff_lambda").float() for i in range(self.num_hidden_layers)]
+            lambdas = [self.layer_lambda(read, i) for i in range(self.num_hidden_layers)]
             facts["lambda_mean_abs"] = round(sum(x.abs().mean().item() for x in lambdas) / len(lambdas), 6)
             facts["lambda_max_abs"] = round(max(x.abs().max().item() for x in lambdas), 6)
         return facts
+
+    def layer_lambda(self, read, layer: int):
+        """Layer ``layer``'s λ from its tensors: one per signal head, or DIFF's exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2)
+        + λ_init."""
+        prefix = f"model.layers.{layer}.self_attn."
+        if self.gda_lambda == "plain":
+            return read(prefix + "diff_lambda").float()
+        q1, k1, q2, k2 = (read(prefix + f"lambda_{name}").double() for name in ("q1", "k1", "q2", "k2"))
+        return ((q1 @ k1).exp() - (q2 @ k2).exp() + self.gda_lambda_init[layer]).reshape(1)
 
     def card_lines(self) -> list[str]:
         return [f"- {self.num_attention_heads} signal heads and {self.gda_noise_heads} shared noise-control heads "
@@ -62,4 +92,11 @@ class GDAConfig(LlamaConfig):
             raise ValueError(
                 f"{noise} noise heads give groups of {ratio} signal heads, which do not line up with the "
                 f"KV groups of {group}"
+            )
+        if self.gda_lambda not in LAMBDAS:
+            raise ValueError(f"gda_lambda {self.gda_lambda!r}: must be one of {', '.join(LAMBDAS)}")
+        if len(self.gda_lambda_init) != self.num_hidden_layers:
+            raise ValueError(
+                f"gda_lambda_init has {len(self.gda_lambda_init)} values for {self.num_hidden_layers} layers: "
+                "give one per layer, or one number for all"
             )

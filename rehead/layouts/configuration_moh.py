@@ -7,6 +7,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 ROUTERS = ("query-norm", "learned")
+GATE_GRADIENTS = ("straight-through", "none")
 
 
 @strict
@@ -16,9 +17,13 @@ class MoHConfig(LlamaConfig):
     moh_active_heads: heads each token uses, shared heads included.
     moh_shared_heads: per layer, the indices of the always-on heads; every other head is routed.
     moh_router: "query-norm" (parameter-free: a routed head's logit is the norm of its query,
-        divided by the std across routed heads; 0/1 gates with a straight-through softmax
-        gradient) or "learned" (the paper's two-stage router with a load-balance loss).
-    moh_aux_loss_coef: β of the load-balance loss β·E·Σ_i P_i f_i (learned router only).
+        divided by the std across routed heads; 0/1 gates) or "learned" (the paper's two-stage
+        router with a load-balance loss).
+    moh_gate_gradient: the query-norm router's gradient in training. "straight-through" (rehead's
+        own): the 0/1 gates carry the routed softmax's gradient to the queries; "none": a 0/1 mask
+        with no gradient path, as in the released MoH-LLaMA3-8B.
+    moh_aux_loss_coef: β of the load-balance loss β·E·Σ_i P_i f_i (learned router only), averaged
+        over the layers as every reference implementation does (summed, β would act as β·L).
     """
 
     model_type = "rehead_moh"
@@ -26,6 +31,7 @@ class MoHConfig(LlamaConfig):
     moh_active_heads: int | None = None
     moh_shared_heads: list | None = None
     moh_router: str = "query-norm"
+    moh_gate_gradient: str = "straight-through"
     moh_aux_loss_coef: float = 0.01
 
     # what rehead's inspect and model card say about the layout
@@ -60,6 +66,15 @@ class MoHConfig(LlamaConfig):
         heads = self.num_attention_heads
         if self.moh_router not in ROUTERS:
             raise ValueError(f"moh_router {self.moh_router!r}: must be one of {', '.join(ROUTERS)}")
+        if self.moh_gate_gradient not in GATE_GRADIENTS:
+            raise ValueError(
+                f"moh_gate_gradient {self.moh_gate_gradient!r}: must be one of {', '.join(GATE_GRADIENTS)}"
+            )
+        if self.moh_router == "learned" and self.moh_gate_gradient != "straight-through":
+            raise ValueError(
+                f"moh_gate_gradient {self.moh_gate_gradient!r} applies to the query-norm router; the learned "
+                "router's gates are its softmax weights, differentiable by design: keep 'straight-through'"
+            )
         if not 1 <= self.moh_active_heads <= heads:
             raise ValueError(f"moh_active_heads {self.moh_active_heads}: must be in [1, {heads}]")
         if len(self.moh_shared_heads) != self.num_hidden_layers:

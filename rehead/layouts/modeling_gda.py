@@ -7,7 +7,10 @@ scaled by a learnable λ_i, from every signal head of the group:
     out_i = (A1_i − λ_i · A2_n(i)) · V_i
 
 The noise map is computed once per noise head: its value is the concatenation of the distinct
-V heads of its group. λ starts at exactly 0, where the layer is the source's attention.
+V heads of its group (kernels that need equal head dims, flash-attention, get one head_dim-wide
+V head per call instead, the noise query and key repeated). λ is a parameter per signal head or
+the DIFF Transformer's per-layer re-parameterisation; either starts at exactly 0 after a
+conversion, where the layer is the source's attention.
 
 This file travels inside converted checkpoints: it imports only torch and transformers.
 """
@@ -44,12 +47,21 @@ class NoiseAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
 
 
+# the attention kernels that take values wider than the queries and keys; others (flash) get equal head dims
+WIDE_VALUE_KERNELS = ("eager", "sdpa")
+
+
 class GDAAttention(LlamaAttention):
     def __init__(self, config: GDAConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         heads, kv, noise = config.num_attention_heads, config.num_key_value_heads, config.gda_noise_heads
         self.noise = NoiseAttention(config, layer_idx)
-        self.diff_lambda = nn.Parameter(torch.zeros(heads))  # λ_i, a plain parameter: non-zero gradient at step 0
+        self.lambda_init = config.gda_lambda_init[layer_idx]
+        if config.gda_lambda == "diff":  # DIFF: λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init, one per layer
+            for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+                setattr(self, name, nn.Parameter(torch.zeros(self.head_dim)))
+        else:
+            self.diff_lambda = nn.Parameter(torch.zeros(heads))  # λ_i, a plain parameter: non-zero gradient at step 0
         if config.gda_subln:
             self.subln = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         ratio, group = heads // noise, heads // kv
@@ -67,6 +79,32 @@ class GDAAttention(LlamaAttention):
                 torch.tensor(self.noise_slot, dtype=torch.long, device=device),
             )
         return self._index[device]
+
+    def lambdas(self) -> torch.Tensor:
+        """λ of every signal head, float32."""
+        if self.config.gda_lambda == "diff":
+            lambda_1 = torch.exp((self.lambda_q1.float() * self.lambda_k1.float()).sum())
+            lambda_2 = torch.exp((self.lambda_q2.float() * self.lambda_k2.float()).sum())
+            return (lambda_1 - lambda_2 + self.lambda_init).expand(self.config.num_attention_heads)
+        return self.diff_lambda.float()
+
+    def noise_attention(self, query, key, values, attention_mask, **kwargs) -> torch.Tensor:
+        """A2_n · V_j for every noise head n and each of its group's distinct V heads j.
+
+        query, key: (B, noise, T|S, d); values: (B, noise·width, S, d), the V heads of noise head n at
+        n·width … n·width + width − 1. Returns (B, T, noise·width, d).
+        """
+        width = values.shape[1] // query.shape[1]
+        if width == 1:
+            return attend(self, self.noise, query, key, values, attention_mask, **kwargs)[0]
+        if self.config._attn_implementation in WIDE_VALUE_KERNELS:  # one map per noise head, its V heads side by side
+            batch, _, length, dim = values.shape
+            values = values.view(batch, query.shape[1], width, length, dim).permute(0, 1, 3, 2, 4).flatten(3)
+            out = attend(self, self.noise, query, key, values, attention_mask, **kwargs)[0]  # (B, T, noise, width·d)
+            return out.unflatten(-1, (width, dim)).flatten(2, 3)
+        # flash-attention needs equal head dims: each V head gets its own copy of its noise head's query and key
+        query, key = query.repeat_interleave(width, 1), key.repeat_interleave(width, 1)
+        return attend(self, self.noise, query, key, values, attention_mask, **kwargs)[0]
 
     def forward(
         self,
@@ -87,14 +125,11 @@ class GDAAttention(LlamaAttention):
             key_states, noise_key = keys[:, :kv], keys[:, kv:]
         signal, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask, **kwargs)
         values, slots = self._indices(value_states.device)
-        batch, _, length, dim = value_states.shape
-        noise_values = value_states.index_select(1, values).view(batch, len(self.noise_values), -1, length, dim)
-        noise_values = noise_values.permute(0, 1, 3, 2, 4).flatten(3)  # (B, noise, S, width·d): one map, all Vs
-        noise, _ = attend(self, self.noise, noise_query, noise_key, noise_values, attention_mask, **kwargs)
-        noise = noise.reshape(*input_shape, -1, self.head_dim).index_select(2, slots)  # (B, T, H, d)
-        attn_output = signal - self.diff_lambda.view(1, 1, -1, 1).to(signal.dtype) * noise
+        noise = self.noise_attention(noise_query, noise_key, value_states.index_select(1, values), attention_mask,
+                                     **kwargs).index_select(2, slots)  # (B, T, H, d)
+        attn_output = signal - self.lambdas().view(1, 1, -1, 1).to(signal.dtype) * noise
         if self.config.gda_subln:
-            attn_output = (1 - self.config.gda_lambda_init) * self.subln(attn_output)
+            attn_output = (1 - self.lambda_init) * self.subln(attn_output)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -111,8 +146,16 @@ class GDAPreTrainedModel(LlamaPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, GDAAttention):
+        if isinstance(module, GDAAttention) and module.config.gda_lambda == "plain":
             nn.init.zeros_(module.diff_lambda)
+        elif isinstance(module, GDAAttention):
+            # λ_q2 = λ_q1 and λ_k2 = λ_k1: λ = λ_init exactly, and each factor still gets a gradient
+            nn.init.normal_(module.lambda_q1, std=0.1)
+            nn.init.normal_(module.lambda_k1, std=0.1)
+            with torch.no_grad():
+                for copy, original in ((module.lambda_q2, module.lambda_q1), (module.lambda_k2, module.lambda_k1)):
+                    if not getattr(copy, "_is_hf_initialized", False):  # not loaded from a checkpoint
+                        copy.copy_(original)
 
 
 class GDAModel(GDAPreTrainedModel, LlamaModel):
@@ -121,8 +164,13 @@ class GDAModel(GDAPreTrainedModel, LlamaModel):
 
 
 class GDAForCausalLM(GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
-    # what the conversion added (rehead tune's `trainable: new`): noise heads, λ, the optional sub-norm
-    _rehead_new_parameters = (r"\.self_attn\.noise\.", r"\.self_attn\.diff_lambda$", r"\.self_attn\.subln\.")
+    # what the conversion added (rehead tune's `trainable: new`): noise heads, λ (either form), the optional sub-norm
+    _rehead_new_parameters = (
+        r"\.self_attn\.noise\.",
+        r"\.self_attn\.diff_lambda$",
+        r"\.self_attn\.lambda_[qk][12]$",
+        r"\.self_attn\.subln\.",
+    )
 
     def __init__(self, config: GDAConfig):
         init_causal_lm(self, config, GDAModel)

@@ -70,7 +70,7 @@ class MoHAttention(LlamaAttention):
             norms = query_states.float().norm(dim=-1).transpose(1, 2)[..., routed]
             logits = norms / norms.std(dim=-1, keepdim=True).clamp_min(1e-6)
             hard = torch.zeros_like(logits).scatter_(-1, logits.topk(self.top_k, dim=-1).indices, 1.0)
-            if self.training:  # straight-through: 0/1 forward, softmax gradient
+            if self.training and self.config.moh_gate_gradient == "straight-through":  # 0/1 forward, softmax gradient
                 soft = logits.softmax(dim=-1)
                 hard = hard + soft - soft.detach()
             return gates.index_copy(-1, routed, hard)
@@ -150,11 +150,12 @@ class MoHForCausalLM(MoHPreTrainedModel, LlamaForCausalLM, GenerationMixin):
         init_causal_lm(self, config, MoHModel)
 
     def layout_loss(self) -> torch.Tensor | None:
-        """β·Σ_layers of the load-balance losses of the last training forward (learned router only)."""
+        """β · the mean over layers of the load-balance losses of the last training forward (learned
+        router only); averaged, as in every reference implementation, so that β does not grow with depth."""
         losses = [layer.self_attn.aux_loss for layer in self.model.layers if layer.self_attn.aux_loss is not None]
         if not losses:
             return None
-        return self.config.moh_aux_loss_coef * torch.stack(losses).sum()
+        return self.config.moh_aux_loss_coef * torch.stack(losses).mean()
 
     def forward(self, *args, labels=None, **kwargs):
         for layer in self.model.layers:
