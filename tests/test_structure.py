@@ -1,6 +1,7 @@
 """The boundaries of DESIGN.md, as tests: who may import whom, and no function longer than a screen or two."""
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -66,3 +67,16 @@ def test_no_function_outside_the_tests_is_longer_than_80_lines():
                 if length > LONGEST_FUNCTION:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, "split into named steps: " + "; ".join(long)
+
+
+def test_the_readme_documents_every_convert_flag():
+    from rehead.convert import CONVERTERS, ConvertOptions
+    from rehead.convert.options import flag
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### `rehead convert"):readme.index("### `rehead tune")]
+    names = set(ConvertOptions.model_fields) - {"to"}
+    for converter in CONVERTERS.values():
+        names |= set(converter.Options.own_fields())
+    missing = sorted(flag(name) for name in names if not re.search(re.escape(flag(name)) + r"(?![\w-])", table))
+    assert not missing, f"README's convert table lacks {missing}"
