@@ -31,7 +31,8 @@ class Layout:
 
     @property
     def files(self) -> list[Path]:
-        return [HERE / f"configuration_{self.name}.py", HERE / f"modeling_{self.name}.py", HERE / "modeling_stack.py"]
+        return [HERE / f"configuration_{self.name}.py", HERE / f"modeling_{self.name}.py", HERE / "modeling_stack.py",
+                HERE / "modeling_cache.py"]
 
     @property
     def auto_map(self) -> dict[str, str]:

@@ -22,6 +22,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_dha import DHAConfig
+from .modeling_cache import LayoutCacheMixin
 from .modeling_stack import attend, init_causal_lm, init_stack, project
 
 
@@ -35,6 +36,7 @@ class DHAAttention(LlamaAttention):
         self.value_of_query = list(config.value_head_of_query[layer_idx])
         self.k_proj = nn.Linear(config.hidden_size, self.key_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.value_heads * self.head_dim, bias=config.attention_bias)
+        self.cache_heads = (self.key_heads, self.value_heads)  # the KV cache holds the fused heads only
         # When K and V share contiguous groups this is plain grouped-query attention: the attention
         # kernels repeat the heads themselves. Otherwise each query head's K and V are gathered.
         group = heads // self.key_heads if heads % self.key_heads == 0 else 0
@@ -89,7 +91,7 @@ class DHAModel(DHAPreTrainedModel, LlamaModel):
         init_stack(self, config, DHADecoderLayer)
 
 
-class DHAForCausalLM(DHAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class DHAForCausalLM(LayoutCacheMixin, DHAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     # what the conversion made (rehead tune's `trainable: new`): the fused key and value projections
     _rehead_new_parameters = (r"\.self_attn\.[kv]_proj\.",)
 

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_gda import GDAConfig
+from .modeling_cache import LayoutCacheMixin
 from .modeling_stack import attend, init_causal_lm, init_stack, project
 
 
@@ -49,6 +50,7 @@ class GDAAttention(LlamaAttention):
         super().__init__(config, layer_idx)
         heads, kv, noise = config.num_attention_heads, config.num_key_value_heads, config.gda_noise_heads
         self.noise = NoiseAttention(config, layer_idx)
+        self.cache_heads = (kv + noise, kv)  # noise keys beside the signal keys; the values are shared
         self.diff_lambda = nn.Parameter(torch.zeros(heads))  # λ_i, a plain parameter: non-zero gradient at step 0
         if config.gda_subln:
             self.subln = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -120,7 +122,7 @@ class GDAModel(GDAPreTrainedModel, LlamaModel):
         init_stack(self, config, GDADecoderLayer)
 
 
-class GDAForCausalLM(GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class GDAForCausalLM(LayoutCacheMixin, GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     # what the conversion added (rehead tune's `trainable: new`): noise heads, λ, the optional sub-norm
     _rehead_new_parameters = (r"\.self_attn\.noise\.", r"\.self_attn\.diff_lambda$", r"\.self_attn\.subln\.")
 
