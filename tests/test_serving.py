@@ -1,17 +1,19 @@
-"""Serving in transformers: the static cache of every layout, compiled decode."""
+"""Serving in transformers: the static cache of every layout, DHA's decode against the fused heads, compiled decode."""
 
 import inspect
 
 import pytest
 import torch
-from test_dha import MAPS, dha_model
+from test_dha import MAPS, dha_model, reference_logits
 from test_gda import gda_model
 from test_moh_layout import moh_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import rehead.layouts.modeling_dha as modeling_dha
 from rehead import text
 from rehead.convert import convert
 from rehead.layouts.modeling_cache import LayoutStaticCache
+from rehead.layouts.modeling_dha import DHAAttention
 
 # K and V grouped differently, groups of unequal sizes (4, 1, 1 key heads; 1, 5 value heads)
 UNEVEN = ([0, 0, 1, 0, 2, 0], [0, 1, 1, 1, 1, 1])
@@ -67,6 +69,62 @@ def test_static_cache_survives_early_initialization():
     dynamic = generated(model, "dynamic")
     chunked = generated(model, "static", prefill_chunk_size=4)
     assert torch.equal(chunked.sequences, dynamic.sequences)
+
+
+# ---- DHA: decoding against the fused heads ----
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("maps", ["decoupled", "uneven"])
+@pytest.mark.parametrize("fused_up_to", [0, 64], ids=["gathered", "fused"])
+def test_both_dha_paths_match_the_reference(monkeypatch, attn, maps, fused_up_to):
+    monkeypatch.setattr(modeling_dha, "FUSED_QUERY_TOKENS", fused_up_to)
+    calls = []
+    fused = DHAAttention.fused_attention
+    monkeypatch.setattr(DHAAttention, "fused_attention", lambda self, *a: calls.append(1) or fused(self, *a))
+    model = dha_model(*(UNEVEN if maps == "uneven" else MAPS[maps]), attn=attn)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        fast = model(ids).logits
+    assert len(calls) == (1 if fused_up_to else 0)  # layer 0 is not grouped; layer 1 is one K/V head for all
+    for b in range(len(ids)):
+        torch.testing.assert_close(fast[b].double(), reference_logits(model, ids[b]), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_eager_attention_weights_are_the_gathered_ones(monkeypatch):
+    model = dha_model(*UNEVEN, attn="eager")
+    ids = torch.randint(0, 50, (2, 7))
+    weights = {}
+    for fused_up_to in (0, 64):
+        monkeypatch.setattr(modeling_dha, "FUSED_QUERY_TOKENS", fused_up_to)
+        with torch.no_grad():
+            weights[fused_up_to] = model(ids, output_attentions=True).attentions[0]
+    assert weights[0].shape == (2, 6, 7, 7)
+    torch.testing.assert_close(weights[64], weights[0], atol=1e-6, rtol=1e-6)
+
+
+def test_decoding_reads_only_the_fused_heads(monkeypatch):
+    """Decode steps of a non-grouped layer attend against the cache's own 3 key and 2 value heads;
+    a prompt longer than FUSED_QUERY_TOKENS goes to the attention kernel with K/V gathered per query head."""
+    model = dha_model(*MAPS["decoupled"])
+    seen = []
+    fused = DHAAttention.fused_attention
+
+    def spy_fused(self, query, key, value, mask):
+        seen.append(("fused", self.layer_idx, query.shape[2], key.shape[1], value.shape[1]))
+        return fused(self, query, key, value, mask)
+
+    def spy_kernel(attention, module, query, key, value, *args, **kwargs):
+        seen.append(("kernel", attention.layer_idx, query.shape[2], key.shape[1], value.shape[1]))
+        return attend(attention, module, query, key, value, *args, **kwargs)
+
+    attend = modeling_dha.attend
+    monkeypatch.setattr(DHAAttention, "fused_attention", spy_fused)
+    monkeypatch.setattr(modeling_dha, "attend", spy_kernel)
+    prompt = torch.randint(0, 50, (2, modeling_dha.FUSED_QUERY_TOKENS + 4))
+    model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    layer0 = [call for call in seen if call[1] == 0]
+    assert layer0 == [("kernel", 0, prompt.shape[1], 6, 6)] + [("fused", 0, 1, 3, 2)] * 2
 
 
 # ---- compiled decode ----
