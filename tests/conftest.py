@@ -137,15 +137,17 @@ LOAD_AND_GENERATE = textwrap.dedent(
     with torch.no_grad():
         logits = model(ids).logits
     generated = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    static = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
     print(json.dumps({"class": type(model).__name__, "logits": logits[0, -1].tolist(),
-                      "new_tokens": generated.shape[1] - ids.shape[1]}))
+                      "new_tokens": generated.shape[1] - ids.shape[1], "static_equal": torch.equal(static, generated)}))
     """
 )
 
 
 def load_without_rehead(folder: Path, ids: list[list[int]], tmp_path: Path) -> dict:
     """Loads ``folder`` with trust_remote_code in a subprocess where ``import rehead`` fails, as a user
-    without rehead would, and generates; returns {"class", "logits" (last position), "new_tokens"}."""
+    without rehead would, and generates with the dynamic and the static cache; returns {"class", "logits" (last
+    position), "new_tokens", "static_equal" (the static cache generated the same tokens)}."""
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "-c", BLOCK_REHEAD + LOAD_AND_GENERATE, str(folder), json.dumps(ids)],

@@ -21,6 +21,6 @@ def test_converted_checkpoint_loads_without_rehead(tiny, tmp_path, calib_file, l
                   **options)
     ids = [[5, 17, 99, 3, 250, 42, 7]]
     report = load_without_rehead(out, ids, tmp_path)
-    assert report["class"] == model_class and report["new_tokens"] == 6
+    assert report["class"] == model_class and report["new_tokens"] == 6 and report["static_equal"]
     here = logits(out, torch.tensor(ids))[0, -1]  # loaded through rehead's registration instead
     torch.testing.assert_close(torch.tensor(report["logits"]), here, atol=1e-5, rtol=1e-5)

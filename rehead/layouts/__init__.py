@@ -42,10 +42,13 @@ class Layout:
     @property
     def files(self) -> list[Path]:
         """The files a checkpoint of this layout carries: the configuration and modeling files, and the
-        sibling modules the modeling file imports (``from .modeling_stack import ...``)."""
-        config_file, model_file = _file(self.config_class), _file(self.model_class)
-        siblings = [model_file.with_name(f"{name}.py") for name in SIBLING_IMPORT.findall(model_file.read_text())]
-        return list(dict.fromkeys([config_file, model_file, *siblings]))
+        sibling modules they import (``from .modeling_stack import ...``), transitively."""
+        files = [_file(self.config_class), _file(self.model_class)]
+        for path in files:  # grows while it is read: the siblings' own siblings come too
+            for name in SIBLING_IMPORT.findall(path.read_text()):
+                if path.with_name(f"{name}.py") not in files:
+                    files.append(path.with_name(f"{name}.py"))
+        return files
 
     @property
     def auto_map(self) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 The LLaMA decoder stack with one change: each layer has its own number of key heads and of value
 heads, and each query head reads one of each (``key_head_of_query``, ``value_head_of_query``).
-The KV cache holds only the fused heads.
+The KV cache holds only the fused heads, and decoding reads each of them once: the queries are
+grouped by the key head they read, the attention weights regrouped by the value head.
 
     head_i = softmax(q_i · K_{κ(i)}ᵀ / √d) · V_{ν(i)}
 
@@ -22,7 +23,31 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_dha import DHAConfig
+from .modeling_cache import LayoutCacheMixin
 from .modeling_stack import attend, init_causal_lm, init_stack, project
+
+
+# Up to this many query tokens per step (decoding), a layer whose K and V are not plain grouped-query
+# attention attends against the fused heads themselves (`fused_attention`); above it (prefill,
+# training), K and V are gathered up to every query head for the attention kernel, which is then
+# faster. Measured on CPU-2: `python scripts/bench_decode.py --kernels` (BENCHMARKS.md).
+FUSED_QUERY_TOKENS = 8
+
+
+def fused_slots(key_of_query: list[int], value_of_query: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Index maps of ``fused_attention``: which query head fills each slot of the key groups (each
+    group padded to the largest with a copy of its first member), which key slot's weights fill each
+    slot of the value groups (padded alike), and which value slot holds each query head's output."""
+    def groups(head_of_query):
+        members = [[i for i, h in enumerate(head_of_query) if h == j] for j in range(max(head_of_query) + 1)]
+        width = max(map(len, members))
+        padded = [[m[g] if g < len(m) else m[0] for g in range(width)] for m in members]
+        slot = {i: j * width + g for j, m in enumerate(members) for g, i in enumerate(m)}
+        return [i for m in padded for i in m], slot
+
+    query_of_key_slot, key_slot = groups(key_of_query)
+    query_of_value_slot, value_slot = groups(value_of_query)
+    return query_of_key_slot, [key_slot[i] for i in query_of_value_slot], [value_slot[i] for i in range(len(key_of_query))]
 
 
 class DHAAttention(LlamaAttention):
@@ -35,21 +60,50 @@ class DHAAttention(LlamaAttention):
         self.value_of_query = list(config.value_head_of_query[layer_idx])
         self.k_proj = nn.Linear(config.hidden_size, self.key_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.value_heads * self.head_dim, bias=config.attention_bias)
+        self.cache_heads = (self.key_heads, self.value_heads)  # the KV cache holds the fused heads only
         # When K and V share contiguous groups this is plain grouped-query attention: the attention
         # kernels repeat the heads themselves. Otherwise each query head's K and V are gathered.
         group = heads // self.key_heads if heads % self.key_heads == 0 else 0
         contiguous = group > 0 and self.key_of_query == [i // group for i in range(heads)]
         self.grouped = contiguous and self.key_of_query == self.value_of_query
         self.num_key_value_groups = group if self.grouped else 1
+        self._slots = fused_slots(self.key_of_query, self.value_of_query)
         self._index = {}
 
-    def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _maps(self, device: torch.device) -> list[torch.Tensor]:
+        """key_of_query, value_of_query and the three ``fused_slots`` maps, as index tensors on ``device``."""
         if device not in self._index:
-            self._index[device] = (
-                torch.tensor(self.key_of_query, dtype=torch.long, device=device),
-                torch.tensor(self.value_of_query, dtype=torch.long, device=device),
-            )
+            maps = (self.key_of_query, self.value_of_query, *self._slots)
+            self._index[device] = [torch.tensor(m, dtype=torch.long, device=device) for m in maps]
         return self._index[device]
+
+    def fused_attention(self, query, key, value, attention_mask):
+        """Attention of every query head against the fused heads, each read once.
+
+        query (B, H, T, d); key (B, K, S, d); value (B, V, S, d). The queries reading key head j form
+        the rows of one matrix against K_j; the weights of the queries reading value head m form the
+        rows of one matrix against V_m. Returns (B, T, H, d) and, with eager attention, the weights.
+        """
+        _, _, query_of_key_slot, key_slot_of_value_slot, value_slot = self._maps(query.device)
+        batch, _, length, dim = query.shape
+        keys, values, span = key.shape[1], value.shape[1], key.shape[2]
+        grouped = (query * self.scaling).index_select(1, query_of_key_slot).view(batch, keys, -1, dim)
+        scores = torch.matmul(grouped, key.transpose(2, 3)).view(batch, -1, length, span)
+        if attention_mask is None and length > 1:  # sdpa's is_causal: query t sees keys 0..t (a prefill)
+            attention_mask = torch.ones(length, span, dtype=torch.bool, device=query.device).tril()
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :span]
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + attention_mask
+        weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+        by_value = weights.index_select(1, key_slot_of_value_slot).view(batch, values, -1, span)
+        output = torch.matmul(by_value, value).view(batch, -1, length, dim).index_select(1, value_slot)
+        if self.config._attn_implementation != "eager":
+            return output.transpose(1, 2), None
+        key_slot_of_query = key_slot_of_value_slot.index_select(0, value_slot)
+        return output.transpose(1, 2), weights.index_select(1, key_slot_of_query)
 
     def forward(
         self,
@@ -64,11 +118,18 @@ class DHAAttention(LlamaAttention):
         query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
         if cache is not None:  # the cache holds the fused heads only
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-        if not self.grouped:
-            key_of_query, value_of_query = self._maps(key_states.device)
+        if self.grouped:
+            attn_output, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask,
+                                               **kwargs)
+        elif (query_states.shape[2] <= FUSED_QUERY_TOKENS and not self.training
+              and self.config._attn_implementation in ("eager", "sdpa")):
+            attn_output, attn_weights = self.fused_attention(query_states, key_states, value_states, attention_mask)
+        else:
+            key_of_query, value_of_query = self._maps(key_states.device)[:2]
             key_states = key_states.index_select(1, key_of_query)
             value_states = value_states.index_select(1, value_of_query)
-        attn_output, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask, **kwargs)
+            attn_output, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask,
+                                               **kwargs)
         attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -89,7 +150,7 @@ class DHAModel(DHAPreTrainedModel, LlamaModel):
         init_stack(self, config, DHADecoderLayer)
 
 
-class DHAForCausalLM(DHAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class DHAForCausalLM(LayoutCacheMixin, DHAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     # what the conversion made (rehead tune's `trainable: new`): the fused key and value projections
     _rehead_new_parameters = (r"\.self_attn\.[kv]_proj\.",)
 

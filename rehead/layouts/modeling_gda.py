@@ -29,6 +29,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_gda import GDAConfig
+from .modeling_cache import LayoutCacheMixin
 from .modeling_stack import attend, init_causal_lm, init_stack, project
 
 
@@ -56,6 +57,7 @@ class GDAAttention(LlamaAttention):
         super().__init__(config, layer_idx)
         heads, kv, noise = config.num_attention_heads, config.num_key_value_heads, config.gda_noise_heads
         self.noise = NoiseAttention(config, layer_idx)
+        self.cache_heads = (kv + noise, kv)  # noise keys beside the signal keys; the values are shared
         self.lambda_init = config.gda_lambda_init[layer_idx]
         if config.gda_lambda == "diff":  # DIFF: λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init, one per layer
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
@@ -163,7 +165,7 @@ class GDAModel(GDAPreTrainedModel, LlamaModel):
         init_stack(self, config, GDADecoderLayer)
 
 
-class GDAForCausalLM(GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class GDAForCausalLM(LayoutCacheMixin, GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     # what the conversion added (rehead tune's `trainable: new`): noise heads, λ (either form), the optional sub-norm
     _rehead_new_parameters = (
         r"\.self_attn\.noise\.",

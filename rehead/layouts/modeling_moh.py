@@ -22,6 +22,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_moh import MoHConfig
+from .modeling_cache import LayoutCacheMixin
 from .modeling_stack import attend, init_causal_lm, init_stack, project
 
 
@@ -40,6 +41,7 @@ class MoHAttention(LlamaAttention):
         self.routed_heads = [h for h in range(heads) if h not in self.shared_heads]
         self.top_k = config.moh_active_heads - len(self.shared_heads)
         self.router = config.moh_router
+        self.cache_heads = (config.num_key_value_heads,) * 2  # every head's K/V: other tokens may pick any head
         self.aux_loss = None
         self._index = {}
         if self.router == "learned" and not self.all_active:
@@ -142,7 +144,7 @@ class MoHModel(MoHPreTrainedModel, LlamaModel):
         return super().forward(*args, **kwargs)
 
 
-class MoHForCausalLM(MoHPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class MoHForCausalLM(LayoutCacheMixin, MoHPreTrainedModel, LlamaForCausalLM, GenerationMixin):
     # what the conversion added (rehead tune's `trainable: new`): the learned router
     _rehead_new_parameters = (r"\.self_attn\.router_",)
 
