@@ -19,9 +19,10 @@ gains N signal heads per noise-control group, copies of its own signal heads, an
 noise heads, KV heads and λ_init stay. A copy takes its original's query rows (and λ_i) and
 reads the same KV head and noise head, so it computes the same head output; the original's
 o_proj columns are shared between them in uneven parts (2/3 and 1/3 for a pair) that sum to the
-original: the grown model computes the source's function. Even halves would too, but copies with
-equal columns receive equal gradients and stay identical under any optimiser; uneven parts let
-them diverge from the second step.
+original: the grown model computes the source's function (up to float rounding: the parts are
+rounded to the checkpoint's dtype, which in bf16 moves the copied columns by up to 2⁻⁸ of their
+size). Even halves would be exact, but copies with equal columns receive equal gradients and stay
+identical under any optimiser; uneven parts let them diverge from the second step.
 """
 
 from typing import Literal
