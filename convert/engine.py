@@ -23,6 +23,7 @@ from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWrit
 from rehead.errors import ReheadError
 from rehead.files import atomic_output, check_output
 from rehead.heads import LAYER_RE, head_dim_of
+from rehead.layouts import layout_config
 from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
 from rehead.sources import Source, card_metadata, resolve
 from rehead.writer import finish
@@ -336,13 +337,15 @@ def provenance(job: SourceReader, options: ConvertOptions, rewriter: Rewriter, h
                identity_errors: list[float]) -> Provenance:
     llama = job.llama
     ids = job.calib_ids
+    layout = layout_config(job.config)  # a rehead source (GDA growth) caches what its layout says
+    kv = [llama.num_key_value_heads] * llama.num_hidden_layers
+    keys, values = layout.kv_heads_per_layer() if layout is not None else (kv, kv)
     return Provenance(
         layout=rewriter.layout,
         source=SourceRecord(
             id=job.source.id, revision=job.source.revision, files=hashes,
             **card_metadata(job.source.path, job.source.id), query_heads=llama.num_attention_heads,
-            kv_cache_bytes_per_token_bf16=2 * llama.num_hidden_layers * llama.num_key_value_heads
-            * head_dim_of(job.config) * 2,
+            kv_cache_bytes_per_token_bf16=(sum(keys) + sum(values)) * head_dim_of(job.config) * 2,
         ),
         options=options.model_dump(exclude={"overwrite", "device"}, by_alias=True),
         calibration=None if ids is None else CalibrationRecord(

@@ -1,5 +1,6 @@
 """GDA's group-differentiated growth: a GDA checkpoint gains signal heads, copies of its own, same function."""
 
+import json
 import pytest
 import torch
 from conftest import logits, read_json
@@ -138,3 +139,13 @@ def test_growth_needs_a_gda_source(tiny, tmp_path):
     gda = convert(tiny("gqa"), tmp_path / "gda", to="gda", ratio=3)
     with pytest.raises(ReheadError, match="already a rehead gda checkpoint"):
         convert(gda, tmp_path / "out", to="moh")
+
+
+def test_a_grown_checkpoint_records_its_gda_source_kv_cache(tiny, tmp_path):
+    from rehead.describe import describe
+
+    source = gda_source(tiny, tmp_path)
+    out = convert(source, tmp_path / "grown", to="gda", grow_signal=2)
+    recorded = json.loads((out / "rehead.json").read_text())["source"]["kv_cache_bytes_per_token_bf16"]
+    assert recorded == describe(source)["kv_cache_bytes_per_token_bf16"]  # the noise keys included
+    assert describe(out)["kv_cache_bytes_per_token_bf16"] == recorded  # growth adds no KV heads
