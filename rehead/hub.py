@@ -141,6 +141,8 @@ def card(folder: Path, repo: str | None = None):
                "separately and per layer",
         "gda": "grouped differential attention (GDA, Lim et al. 2025): many signal heads share few noise-control "
                "heads",
+        "deci": "decoupled-head attention (DHA, Chen et al. 2024) in the DeciLM (`nemotron-nas`) format: a KV head "
+                "count of its own in every layer, K and V grouped alike, which vLLM and llama.cpp serve natively",
     }.get(layout_name, f"the `{layout_name}` layout")
     parts += [f"{base} rewritten by rehead into {summary}"
               + (", then continue-tuned." if tuned else ".") if record else f"A `{layout_name}` checkpoint.", ""]

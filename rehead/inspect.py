@@ -18,6 +18,9 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
     head_dim = head_dim_of(config)
     k_heads = config.get("key_heads_per_layer") or [kv + config.get("gda_noise_heads", 0)] * layers
     v_heads = config.get("value_heads_per_layer") or [kv] * layers
+    if "block_configs" in config:  # DeciLM: a KV head count per layer (none in a no-op or linear block)
+        groups = [block["attention"].get("n_heads_in_group") for block in config["block_configs"]]
+        k_heads = v_heads = [heads // group if group else 0 for group in groups]
     layout = BY_MODEL_TYPE[model_type].name if model_type in BY_MODEL_TYPE else _stock_layout(heads, kv)
 
     reader = CheckpointReader(folder, allow_pickle)

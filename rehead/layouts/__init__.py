@@ -1,7 +1,8 @@
 """The head layouts rehead writes, as transformers models.
 
 Each layout is a ``configuration_*.py`` + ``modeling_*.py`` pair that imports only torch and
-transformers, because the pair is copied into every checkpoint of that layout.
+transformers, because the pair is copied into every checkpoint of that layout. An output format
+that transformers lacks is one too: ``deci`` (DeciLM, ``nemotron-nas``), which DHA exports to.
 """
 
 from dataclasses import dataclass
@@ -9,9 +10,11 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .configuration_deci import DeciLMConfig
 from .configuration_dha import DHAConfig
 from .configuration_gda import GDAConfig
 from .configuration_moh import MoHConfig
+from .modeling_deci import DeciLMForCausalLM
 from .modeling_dha import DHAForCausalLM
 from .modeling_gda import GDAForCausalLM
 from .modeling_moh import MoHForCausalLM
@@ -47,6 +50,7 @@ LAYOUTS = {
         Layout("moh", MoHConfig, MoHForCausalLM),
         Layout("dha", DHAConfig, DHAForCausalLM),
         Layout("gda", GDAConfig, GDAForCausalLM),
+        Layout("deci", DeciLMConfig, DeciLMForCausalLM),
     ]
 }
 BY_MODEL_TYPE = {layout.model_type: layout for layout in LAYOUTS.values()}
