@@ -26,6 +26,7 @@ class ConvertOptions(BaseModel):
     uniform: bool = False
     refine_steps: int = Field(0, ge=0)
     refine_lr: float = Field(1e-4, gt=0)
+    export: Literal["deci"] | None = Field(None, description="deci: DeciLM (nemotron-nas) for vLLM, llama.cpp")
     # GDA
     ratio: int | None = Field(None, description="signal heads per noise-control head")
     mode: Literal["grow", "repurpose"] = "grow"

@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="equal groups shared by K and V in every layer: a stock grouped-query checkpoint")
     g.add_argument("--refine-steps", type=int, help="layer-local refinement steps after the closed form (default 0)")
     g.add_argument("--refine-lr", type=float, help="learning rate of the refinement (default 1e-4)")
+    g.add_argument("--export", choices=["deci"],
+                   help="deci: a DeciLM (nemotron-nas) checkpoint that vLLM and llama.cpp serve, K and V sharing "
+                        "equal groups and a KV head count per layer")
     g = p.add_argument_group("GDA")
     g.add_argument("--ratio", type=int, help="signal heads per noise-control head")
     g.add_argument("--mode", choices=["grow", "repurpose"], help="add noise heads (default) or turn heads into them")
