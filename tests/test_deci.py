@@ -4,15 +4,17 @@
 import itertools
 import json
 import random
+import re
 
 import pytest
 import torch
 from conftest import load_without_rehead, logits, read_json
 from safetensors.torch import load_file, save_file
 from test_dha import IDS, shuffled_repeats
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import rehead  # noqa: F401  (registers the layouts)
+from rehead import text
 from rehead.cli import main
 from rehead.convert import convert
 from rehead.convert.deci import allocate_shared, ffn_mult_for
@@ -238,6 +240,23 @@ def test_export_loads_without_rehead(tiny, tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_tuning_an_export_keeps_the_format(tiny, tmp_path, calib_file):
+    from test_tune import recipe, weights
+
+    from rehead.tune import tune
+
+    src = tiny("gqa", intermediate_size=FFN)
+    deci = convert(src, tmp_path / "deci", to="dha", kv_budget=1.0, export="deci")
+    out = tune(recipe(tmp_path, deci, calib_file, trainable="new", **{"optim.weight_decay": 0.0}))
+    config, converted = read_json(out / "config.json"), read_json(deci / "config.json")
+    assert config["architectures"] == ["DeciLMForCausalLM"] and config["auto_map"] == converted["auto_map"]
+    assert config["block_configs"] == converted["block_configs"]
+    before, after = weights(deci), weights(out)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if re.search(r"\.self_attn\.[kv]_proj\.", k)}
+    assert load_without_rehead(out, [[5, 17, 99]], tmp_path)["class"] == "DeciLMForCausalLM"
+
+
 @pytest.mark.parametrize(
     "variant, overrides, options, message",
     [
@@ -265,3 +284,14 @@ def test_export_of_another_layout_is_refused_on_the_command_line(tiny, tmp_path,
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "moh", "--export", "deci"]) == 2
     assert "--export deci writes a DHA conversion: use --to dha" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.real
+def test_real_model_at_budget_one_is_the_real_model(smollm2, tmp_path):
+    """SmolLM2-135M: tied embeddings, rope_theta 1e5, FFN 1536 = ffn_mult 4.0 under the servers' formula."""
+    out = convert("smollm2-135m", tmp_path / "deci", to="dha", kv_budget=1.0, export="deci")
+    config = read_json(out / "config.json")
+    assert config["tie_word_embeddings"] and config["rope_parameters"]["rope_theta"] == 100000.0
+    assert {(b["attention"]["n_heads_in_group"], b["ffn"]["ffn_mult"]) for b in config["block_configs"]} == {(3, 4.0)}
+    ids = text.blocks(AutoTokenizer.from_pretrained(smollm2), "shakespeare-heldout", 512, 256)
+    assert (logits(out, ids) - logits(smollm2, ids)).abs().max().item() <= 1e-4
