@@ -1,6 +1,8 @@
 """rehead.convert: a source checkpoint rewritten into a target head layout, layer by layer.
 
-A layout's conversion is one module (its options model and its Rewriter) and one ``register`` line.
+A layout's conversion is one module (its options model and its Rewriter) and one ``register`` line;
+an output format other than the layout's own (``--export deci``) is one module and one
+``register_export`` line.
 """
 
 from pathlib import Path
@@ -9,6 +11,7 @@ from pydantic import ValidationError
 
 from rehead.errors import ReheadError
 
+from .deci import DeciRewriter
 from .dha import DHARewriter
 from .engine import Rewriter
 from .engine import convert as run
@@ -18,6 +21,7 @@ from .moh import MoHRewriter
 from .options import ConvertOptions, options_error
 
 CONVERTERS: dict[str, type[Rewriter]] = {}
+EXPORTS: dict[str, type[Rewriter]] = {}  # --export NAME: the rewriter that writes that format
 
 
 def register(rewriter: type[Rewriter]) -> type[Rewriter]:
@@ -30,6 +34,15 @@ register(MHARewriter)
 register(MoHRewriter)
 register(DHARewriter)
 register(GDARewriter)
+
+
+def register_export(rewriter: type[Rewriter]) -> type[Rewriter]:
+    """Makes ``rewriter.export`` a value of ``--export`` for ``--to rewriter.layout``."""
+    EXPORTS[rewriter.export] = rewriter
+    return rewriter
+
+
+register_export(DeciRewriter)
 
 
 def options_for(values: dict) -> ConvertOptions:
@@ -46,7 +59,12 @@ def options_for(values: dict) -> ConvertOptions:
 def convert(source: str, out: str | Path, options: ConvertOptions | None = None, **values) -> Path:
     """Converts ``source`` (built-in name, folder or hub id) into ``out``; options as a model or keywords."""
     options = options or options_for(values)
-    return run(source, Path(out), options, CONVERTERS[options.to](options))
+    export = getattr(options, "export", None)
+    rewriter = EXPORTS[export] if export is not None else CONVERTERS[options.to]
+    if rewriter.layout != options.to:
+        raise ReheadError(f"--export {export} writes a {rewriter.layout.upper()} conversion: use --to "
+                          f"{rewriter.layout}, or drop --export for --to {options.to}")
+    return run(source, Path(out), options, rewriter(options))
 
 
-__all__ = ["CONVERTERS", "ConvertOptions", "convert", "options_for", "register"]
+__all__ = ["CONVERTERS", "EXPORTS", "ConvertOptions", "convert", "options_for", "register", "register_export"]

@@ -15,6 +15,7 @@ grouped-query checkpoint. ``--fusion mean`` averages the members' weights (Ainsl
 
 import heapq
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -54,6 +55,32 @@ def allocate(curves: dict, target: int, start: int) -> dict:
     return counts
 
 
+@dataclass
+class Probe:
+    """A few calibration sequences at a layer's attention input, and the source attention's output on them."""
+
+    x: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    target: torch.Tensor
+    scale: float
+
+    @classmethod
+    def of(cls, layer: LayerInput) -> "Probe":
+        calib, source = layer.calibration, layer.source_layer
+        hidden = calib.hidden[:PROBE_SEQUENCES]
+        cos, sin = (t[: len(hidden)] for t in calib.position_embeddings)
+        with torch.no_grad():
+            x = source.input_layernorm(hidden)
+            target = source.self_attn(x, position_embeddings=(cos, sin))[0]
+        return cls(x, (cos, sin), target, hidden.pow(2).mean().item())
+
+    @torch.no_grad()
+    def error(self, attention: torch.nn.Module) -> float:
+        """``attention``'s squared error on the probe, relative to the residual stream's energy."""
+        out = attention(self.x, position_embeddings=self.position_embeddings)[0]
+        return (out - self.target).pow(2).mean().item() / self.scale
+
+
 class DHAOptions(ConvertOptions):
     to: Literal["dha"] = "dha"
     kv_budget: float | None = Field(None, description="fraction of the source's key and value heads kept over all "
@@ -67,6 +94,8 @@ class DHAOptions(ConvertOptions):
                                              "checkpoint")
     refine_steps: int = Field(0, ge=0, description="layer-local refinement steps after the closed form")
     refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
+    export: Literal["deci"] | None = Field(None, description="deci: a DeciLM (nemotron-nas) checkpoint with a KV head "
+                                                             "count per layer, which vLLM and llama.cpp serve")
 
     @model_validator(mode="after")
     def _budgets(self):
@@ -141,6 +170,11 @@ class DHARewriter(Rewriter):
     def needs_planning(self) -> bool:
         return self.needs_calibration and self.per_layer is None
 
+    @property
+    def shared(self) -> bool:
+        """Whether K and V share equal groups, query heads permuted to read them contiguously (plain GQA)."""
+        return self.options.uniform
+
     # ---- statistics ----
 
     def fusion(self, layer: LayerInput) -> LayerFusion:
@@ -170,34 +204,41 @@ class DHARewriter(Rewriter):
         """Each layer's error curve for 1 … KV key heads and 1 … KV value heads, measured where it
         matters: the attention output's squared error relative to the residual stream's energy."""
         fusion = self.fusion(layer)
-        calib = layer.calibration
-        source = layer.source_layer
-        hidden = calib.hidden[:PROBE_SEQUENCES]
-        cos, sin = (t[: len(hidden)] for t in calib.position_embeddings)
-        with torch.no_grad():
-            x = source.input_layernorm(hidden)
-            target = source.self_attn(x, position_embeddings=(cos, sin))[0]
-            scale = hidden.pow(2).mean().item()
+        probe = Probe.of(layer)
         singletons = [(j,) for j in range(self.kv)]
         for kind, error in (("k", fusion.key_error), ("v", fusion.value_error)):
             history = agglomerate(self.kv, error, 1)
             curve = {self.kv: 0.0}
             for count in range(self.kv - 1, 0, -1):
                 groups = (history[count], singletons) if kind == "k" else (singletons, history[count])
-                tensors, key_map, value_map = self.assemble(fusion, *groups)
-                attn = self.attention(layer.index, tensors, key_map, value_map, groups)
-                with torch.no_grad():
-                    out = attn(x, position_embeddings=(cos, sin))[0]
-                curve[count] = (out - target).pow(2).mean().item() / scale
+                curve[count] = self.probe_error(probe, layer.index, fusion, *groups)
             self.curves[(layer.index, kind)] = curve
+        self.observe_similarity(layer.index, fusion)
+
+    def probe_error(self, probe: "Probe", index: int, fusion: LayerFusion, key_groups, value_groups,
+                    mean: bool = False, permute: bool = False) -> float:
+        """The probe's error with the layer's K and V heads fused into these groups."""
+        tensors, key_map, value_map = self.assemble(fusion, key_groups, value_groups, mean, permute)
+        return probe.error(self.attention(index, tensors, key_map, value_map, (key_groups, value_groups)))
+
+    def observe_similarity(self, index: int, fusion: LayerFusion) -> None:
+        """The pairwise merge errors of a few layers, for dha_plan.png."""
         shown = sorted({0, self.layers // 2, self.layers - 1})[:HEATMAP_LAYERS]
-        if layer.index in shown:
-            self.similarity[layer.index] = {
+        if index in shown:
+            self.similarity[index] = {
                 kind: [[0.0 if a == b else error((min(a, b), max(a, b))) / max(energy((a, b)), 1e-30)
                         for b in range(self.kv)] for a in range(self.kv)]
                 for kind, error, energy in (("k", fusion.key_error, fusion.key_energy),
                                             ("v", fusion.value_error, fusion.value_energy))
             }
+
+    def shared_groups(self, fusion: LayerFusion, count: int) -> list[tuple[int, ...]]:
+        """``count`` equal groups for K and V alike: contiguous for mean pooling, else grown where the
+        joint key and value fit error is least."""
+        size = self.kv // count
+        if self.options.fusion == "mean":
+            return [tuple(range(g * size, (g + 1) * size)) for g in range(count)]
+        return equal_groups(self.kv, size, lambda g: fusion.key_error(g) + fusion.value_error(g))
 
     def attention(self, index: int, tensors: dict, key_map: list[int], value_map: list[int], groups) -> torch.nn.Module:
         """A float32 DHA attention module holding ``tensors`` (names relative to self_attn)."""
@@ -253,17 +294,12 @@ class DHARewriter(Rewriter):
         keys, values = self.per_layer[layer.index]
         fusion = self.fusion(layer)
         mean = self.options.fusion == "mean"
-        if self.options.uniform:
-            size = self.kv // keys
-            if mean:
-                groups = [tuple(range(g * size, (g + 1) * size)) for g in range(keys)]
-            else:
-                groups = equal_groups(self.kv, size, lambda g: fusion.key_error(g) + fusion.value_error(g))
-            key_groups = value_groups = groups
+        if self.shared:
+            key_groups = value_groups = self.shared_groups(fusion, keys)
         else:
             key_groups = agglomerate(self.kv, fusion.key_error, keys)[keys]
             value_groups = agglomerate(self.kv, fusion.value_error, values)[values]
-        attention, key_map, value_map = self.assemble(fusion, key_groups, value_groups, mean, self.options.uniform)
+        attention, key_map, value_map = self.assemble(fusion, key_groups, value_groups, mean, self.shared)
         tensors = {k: v for k, v in layer.tensors.items() if not k.startswith("self_attn.")}
         tensors.update(attention)
         if "self_attn.o_proj.bias" in layer.tensors:

@@ -5,6 +5,10 @@ never saw: ``shakespeare-heldout`` (other plays) and ``pydoc`` (Python's referen
 
     python scripts/bench_ppl.py moh --json runs/bench_ppl_moh.json
     python scripts/bench_ppl.py dha --json runs/bench_ppl_dha.json
+    python scripts/bench_ppl.py deci --eval-tokens 8192 --json runs/bench_ppl_deci.json
+
+``deci`` compares, at budgets 1/2 and 1/3, the free DHA plan, the plan constrained to what the
+DeciLM export can write (``--export deci``) and ``--uniform`` (where the budget is a whole divisor).
 """
 
 import argparse
@@ -38,6 +42,16 @@ VARIANTS = {
             "optimal fusion + refine 30": dict(refine_steps=30),
         }.items()
     },
+    "deci": {
+        f"{name}, budget {label}": dict(to="dha", kv_budget=budget, **options)
+        for budget, label in ((1 / 2, "1/2"), (1 / 3, "1/3"))
+        for name, options in {
+            "free DHA plan": dict(),
+            "deci export": dict(export="deci"),
+            "uniform": dict(uniform=True),
+        }.items()
+        if not (options.get("uniform") and budget == 1 / 2)  # 1.5 of SmolLM2's 3 KV heads: no uniform count
+    },
 }
 
 
@@ -63,8 +77,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, options in VARIANTS[args.layout].items():
             start = time.perf_counter()
-            out = convert("smollm2-135m", Path(tmp) / "out", to=args.layout, calib_tokens=args.calib_tokens,
-                          overwrite=True, **options)
+            out = convert("smollm2-135m", Path(tmp) / "out", calib_tokens=args.calib_tokens, overwrite=True,
+                          **{"to": args.layout, **options})
             seconds = round(time.perf_counter() - start, 1)
             plan = Provenance.load(out).plan
             rows[name] = {**score(out), "convert_seconds": seconds, "plan": plan}

@@ -36,20 +36,23 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
-def make_checkpoint(folder: Path, variant: str = "gqa", layers: int = 2, seed: int = 0, tokenizer: bool = True) -> Path:
+def make_checkpoint(folder: Path, variant: str = "gqa", layers: int = 2, seed: int = 0, tokenizer: bool = True,
+                    **overrides) -> Path:
+    """A random checkpoint of ``variant``; ``overrides`` replace config values (intermediate_size=256)."""
     config_class, values = VARIANTS[variant]
-    values = dict(
-        vocab_size=VOCAB,
+    values = {
+        "vocab_size": VOCAB,
         # with an explicit head_dim the hidden size differs from heads·head_dim
-        hidden_size=values["num_attention_heads"] * (4 if "head_dim" in values else 8),
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        max_position_embeddings=512,
-        eos_token_id=256,
-        bos_token_id=None,
-        pad_token_id=256,
+        "hidden_size": values["num_attention_heads"] * (4 if "head_dim" in values else 8),
+        "intermediate_size": 48,
+        "num_hidden_layers": layers,
+        "max_position_embeddings": 512,
+        "eos_token_id": 256,
+        "bos_token_id": None,
+        "pad_token_id": 256,
         **values,
-    )
+        **overrides,
+    }
     values.setdefault("tie_word_embeddings", False)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config_class(**values), dtype=torch.float32)

@@ -5,7 +5,8 @@ transformers, because the pair (with the sibling files its modeling file imports
 every checkpoint of that layout. Everything rehead says about a layout comes from the pair: the
 config class describes it (``layout_summary``, ``kv_heads_per_layer``, ``layout_facts``,
 ``card_lines``), the model class knows what a conversion added (``_rehead_new_parameters``) and
-its own loss (``layout_loss``). A layout is added with one ``register`` line.
+its own loss (``layout_loss``). A layout is added with one ``register`` line. An output format that
+transformers lacks is registered the same way: ``deci`` (DeciLM, ``nemotron-nas``), which DHA exports to.
 """
 
 import re
@@ -15,9 +16,11 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .configuration_deci import DeciLMConfig
 from .configuration_dha import DHAConfig
 from .configuration_gda import GDAConfig
 from .configuration_moh import MoHConfig
+from .modeling_deci import DeciLMForCausalLM
 from .modeling_dha import DHAForCausalLM
 from .modeling_gda import GDAForCausalLM
 from .modeling_moh import MoHForCausalLM
@@ -83,3 +86,4 @@ def layout_config(config: dict):
 register("moh", MoHConfig, MoHForCausalLM)
 register("dha", DHAConfig, DHAForCausalLM)
 register("gda", GDAConfig, GDAForCausalLM)
+register("deci", DeciLMConfig, DeciLMForCausalLM)

@@ -1,0 +1,80 @@
+"""A real external client serves the DeciLM export: llama.cpp, through llama-cpp-python.
+
+Runs wherever llama_cpp is importable (``pip install llama-cpp-python`` builds llama.cpp from
+source); the GGUF converter is the one vendored in the sdist of the installed version (see
+scripts/llama_cpp_gguf.py; $REHEAD_LLAMA_CPP names another llama.cpp tree).
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_json
+
+from rehead import metrics, models, text
+from rehead.convert import convert
+
+pytestmark = pytest.mark.real
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python: it builds llama.cpp from "
+                        "source, about 25 minutes on 2 cores)")
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+from llama_cpp_gguf import llama_cpp_tree, to_gguf  # noqa: E402  (scripts/ is not a package)
+
+TOKENS, SEQ_LEN = 1024, 512
+
+
+@pytest.fixture(scope="module")
+def tree():
+    try:
+        return llama_cpp_tree()
+    except (SystemExit, subprocess.CalledProcessError) as e:
+        pytest.skip(f"no llama.cpp converter: {e} (set REHEAD_LLAMA_CPP to a llama.cpp source tree)")
+
+
+def llama_cpp_perplexity(path: Path, blocks: torch.Tensor, flash_attn: bool) -> float:
+    """llama.cpp's perplexity on exactly these token ids, every block scored on its own."""
+    llm = llama_cpp.Llama(str(path), n_ctx=SEQ_LEN, n_batch=SEQ_LEN, logits_all=True, flash_attn=flash_attn,
+                          n_threads=2, verbose=False)
+    total, count = 0.0, 0
+    for block in blocks.tolist():
+        llm.reset()
+        llm.eval(block)
+        scores = torch.from_numpy(np.array(llm.scores[: len(block) - 1], dtype=np.float32))
+        total += torch.nn.functional.cross_entropy(scores, torch.tensor(block[1:]), reduction="sum").item()
+        count += len(block) - 1
+    llm.close()
+    return math.exp(total / count)
+
+
+def test_deci_export_runs_in_llama_cpp_with_its_per_layer_kv_heads(smollm2, tmp_path, tree):
+    import gguf
+
+    out = convert(smollm2, tmp_path / "deci", to="dha", kv_budget=0.5, export="deci", calib_tokens=2048)
+    kv_heads = read_json(out / "rehead.json")["plan"]["key_heads_per_layer"]
+    assert set(kv_heads) == {1, 3}  # SmolLM2's 3 KV heads allow 3 or 1 per layer
+    path = to_gguf(out, tmp_path / "deci.gguf", "f32", tree)
+
+    reader = gguf.GGUFReader(path)
+
+    def field(key):
+        f = reader.fields[key]
+        values = [f.parts[i].tolist() for i in f.data]
+        return values if len(values) > 1 else values[0]
+
+    assert bytes(field("general.architecture")).decode() == "deci"
+    assert [v[0] for v in field("deci.attention.head_count_kv")] == kv_heads
+    assert [v[0] for v in field("deci.attention.head_count")] == [9] * 30
+    assert [v[0] for v in field("deci.feed_forward_length")] == [1536] * 30
+    assert [t.shape.tolist() for t in reader.tensors if t.name == "blk.0.attn_k.weight"] == [[576, 64 * kv_heads[0]]]
+
+    model, tokenizer, _ = models.load(str(out))
+    blocks = text.blocks(tokenizer, "shakespeare-heldout", TOKENS, SEQ_LEN)
+    expected = metrics.perplexity(model, blocks)
+    for flash_attn in (True, False):  # without flash attention llama.cpp pads the V cache to the widest layer
+        served = llama_cpp_perplexity(path, blocks, flash_attn)
+        assert abs(served / expected - 1) < 0.01, (flash_attn, served, expected)
