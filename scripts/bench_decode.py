@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 SWITCHES = {  # --paths: the module constant that turns a layout's decode path off, and its "off" value
-    "moh": ("rehead.layouts.modeling_moh", "ACTIVE_HEADS_DECODE", False),
     "dha": ("rehead.layouts.modeling_dha", "FUSED_QUERY_TOKENS", 0),
 }
 

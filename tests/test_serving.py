@@ -10,12 +10,10 @@ from test_moh_layout import moh_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rehead.layouts.modeling_dha as modeling_dha
-import rehead.layouts.modeling_moh as modeling_moh
 from rehead import text
 from rehead.convert import convert
 from rehead.layouts.modeling_cache import LayoutStaticCache
 from rehead.layouts.modeling_dha import DHAAttention
-from rehead.layouts.modeling_moh import MoHAttention
 
 # K and V grouped differently, groups of unequal sizes (4, 1, 1 key heads; 1, 5 value heads)
 UNEVEN = ([0, 0, 1, 0, 2, 0], [0, 1, 1, 1, 1, 1])
@@ -127,56 +125,6 @@ def test_decoding_reads_only_the_fused_heads(monkeypatch):
     model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
     layer0 = [call for call in seen if call[1] == 0]
     assert layer0 == [("kernel", 0, prompt.shape[1], 6, 6)] + [("fused", 0, 1, 3, 2)] * 2
-
-
-# ---- MoH: decoding only the heads in use ----
-
-
-def decode_step(model, prompt, token):
-    """The logits of one decode step of ``token`` (B, 1) after ``prompt`` (B, T), with the static cache."""
-    cache = model.static_cache(prompt.shape[1] + 1)
-    with torch.no_grad():
-        model(prompt, use_cache=True, **{cache_kwarg(model): cache})
-        position = torch.full_like(token, prompt.shape[1])
-        return model(token, position_ids=position, use_cache=True, **{cache_kwarg(model): cache}).logits
-
-
-@pytest.mark.parametrize("router", ["learned", "query-norm"])
-@pytest.mark.parametrize("tokens", [[7], [7, 19, 33, 2, 45, 11, 28, 40]], ids=["one-token", "eight-tokens"])
-@pytest.mark.parametrize("kv", [2, 6])
-def test_active_heads_decode_gives_the_dense_logits(monkeypatch, router, tokens, kv):
-    """3 of 6 heads per token: one token's step computes its 3 heads, eight tokens' step their union."""
-    model = moh_model(router, active=3, shared=((1,), (4,)), kv=kv)
-    with torch.no_grad():  # queries that outweigh their biases, so that tokens rank the heads differently
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8)
-    steps, used = [], []
-    active, head_runs = MoHAttention.active_heads_forward, modeling_moh.runs
-    monkeypatch.setattr(MoHAttention, "active_heads_forward", lambda *a: steps.append(1) or active(*a))
-    monkeypatch.setattr(modeling_moh, "runs", lambda heads: used.append(len(heads)) or head_runs(heads))
-    prompt = torch.randint(0, 50, (len(tokens), 5), generator=torch.Generator().manual_seed(2))
-    token = torch.tensor(tokens)[:, None]
-    logits = {}
-    for on in (False, True):
-        monkeypatch.setattr(modeling_moh, "ACTIVE_HEADS_DECODE", on)
-        logits[on] = decode_step(model, prompt, token)
-    assert len(steps) == 2  # the decode step of both layers, only with the switch on
-    assert all(n == 3 for n in used) if len(tokens) == 1 else max(used) > 3
-    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
-
-
-def test_active_heads_decode_generates_the_dense_tokens(monkeypatch):
-    model = moh_model("learned", active=3, shared=((1,), (4,)))
-    out = {}
-    for on in (False, True):
-        monkeypatch.setattr(modeling_moh, "ACTIVE_HEADS_DECODE", on)
-        out[on] = model.generate(PROMPT[:1], max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                 cache_implementation="static")
-    assert torch.equal(out[True], out[False])
-
-
-def test_head_runs():
-    assert modeling_moh.runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 6), (7, 9)] and modeling_moh.runs([]) == []
 
 
 # ---- compiled decode ----

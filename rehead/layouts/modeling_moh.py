@@ -19,27 +19,11 @@ from transformers.models.llama.modeling_llama import (
     LlamaForCausalLM,
     LlamaModel,
     LlamaPreTrainedModel,
-    apply_rotary_pos_emb,
 )
-from transformers.utils import is_torchdynamo_compiling
 
 from .configuration_moh import MoHConfig
 from .modeling_cache import LayoutCacheMixin
 from .modeling_stack import attend, init_causal_lm, init_stack, project
-
-
-def runs(heads: list[int]) -> list[tuple[int, int]]:
-    """The sorted ``heads`` as contiguous runs [a, b): each run's rows (columns) of a projection are one view."""
-    out = []
-    for h in heads:
-        if out and out[-1][1] == h:
-            out[-1] = (out[-1][0], h + 1)
-        else:
-            out.append((h, h + 1))
-    return out
-
-
-ACTIVE_HEADS_DECODE = True
 
 
 def _fp32(router: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -111,53 +95,6 @@ class MoHAttention(LlamaAttention):
             self.aux_loss = len(self.routed_heads) * (frac * mean_prob).sum()
         return gates.index_copy(-1, routed, routed_gates)
 
-    def active_heads_forward(self, hidden_states, position_embeddings, attention_mask, cache):
-        """One decode step that computes only the heads some token of the batch uses: their queries
-        (learned router: the gates do not need them), their attention and their o_proj columns.
-        Every head's K and V are still computed and cached: later tokens may pick any head.
-
-        hidden_states: (B, 1, D). The used heads are taken in contiguous runs, so each run's q_proj
-        rows and o_proj columns are views of the weights, never copies.
-        """
-        batch, d, heads = hidden_states.shape[0], self.head_dim, self.config.num_attention_heads
-        shape = (batch, 1, -1, d)
-        key, value = (p(hidden_states).view(shape).transpose(1, 2) for p in (self.k_proj, self.v_proj))
-        if self.router == "learned":
-            gates = self.gates(hidden_states, None)
-            used = gates.ne(0).flatten(0, 1).any(0).nonzero().flatten().tolist()
-            w, b = self.q_proj.weight, self.q_proj.bias
-            query = torch.cat([nn.functional.linear(hidden_states, w[i * d : j * d], None if b is None else
-                                                    b[i * d : j * d]) for i, j in runs(used)], -1)
-            query = query.view(shape).transpose(1, 2)
-        else:
-            query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-            gates = self.gates(hidden_states, query)
-            used = gates.ne(0).flatten(0, 1).any(0).nonzero().flatten().tolist()
-            query = query[:, used] if len(used) < heads else query
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        # queries packed per KV head (padded to the fullest): each KV head is read once, by all its used heads
-        group = heads // key.shape[1]
-        members = [[n for n, h in enumerate(used) if h // group == j] for j in range(key.shape[1])]
-        width = max(map(len, members))
-        slots = [m[i] if i < len(m) else 0 for m in members for i in range(width)]
-        slot_of = {n: j * width + i for j, m in enumerate(members) for i, n in enumerate(m)}
-        index = torch.tensor(slots + [slot_of[n] for n in range(len(used))], device=query.device)
-        packed = query[:, :, 0].index_select(1, index[: len(slots)]).view(batch, key.shape[1], width, d)
-        output = nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask,
-                                                            scale=self.scaling)
-        output = output.reshape(batch, -1, d).index_select(1, index[len(slots) :])  # (B, used, d)
-        output = (output * gates[:, 0, used, None].to(output.dtype)).reshape(batch, 1, -1)
-        w, b = self.o_proj.weight, self.o_proj.bias
-        start, result = 0, None
-        for i, j in runs(used):
-            part = nn.functional.linear(output[..., start * d : (start + j - i) * d], w[:, i * d : j * d])
-            result = part if result is None else result + part
-            start += j - i
-        return (result if b is None else result + b), None
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -168,9 +105,6 @@ class MoHAttention(LlamaAttention):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
-        if (ACTIVE_HEADS_DECODE and hidden_states.shape[1] == 1 and not self.training and not self.all_active
-                and self.config._attn_implementation == "sdpa" and not is_torchdynamo_compiling()):
-            return self.active_heads_forward(hidden_states, position_embeddings, attention_mask, cache)
         query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
         gates = None if self.all_active else self.gates(hidden_states, query_states)  # RoPE keeps the norms
         if cache is not None:
