@@ -1,17 +1,26 @@
-"""Decode throughput and KV-cache memory of a source and its conversions with HF generate.
+"""Decode throughput and KV-cache bytes of a source and its conversions, with the static cache.
 
-    python scripts/bench_decode.py                                  # smollm2-135m + MoH, DHA, GDA; CPU, small
-    python scripts/bench_decode.py --device cuda --dtype bf16 --batch 32 --context 2048 --new 128   # GPU
+    python scripts/bench_decode.py                  # smollm2-135m + MoH, DHA, GDA; batch 4, contexts 256 and 2048, fp32
+    python scripts/bench_decode.py --paths          # each layout's decode path against its dense path, same model
+    python scripts/bench_decode.py --kernels        # DHA attention alone: fused against gathered, by query length
+    python scripts/bench_decode.py --device cuda --dtype bf16 --batch 32 --context 2048   # GPU
 
-Greedy decoding of --new tokens after a --context-token prompt of real text, batch --batch.
-Decode tokens/s excludes the prefill (a generate of one token is timed and subtracted). The KV
-cache is measured, not computed: the bytes of every tensor the cache holds after the prefill.
-A static cache (torch.compile-friendly) is used where the layout's cache has the config's shape
-(source, MoH); DHA (per-layer K/V heads) and GDA (noise keys beside the signal keys) use the
-dynamic cache. Conversions are made into --work if missing.
+Every model decodes with the cache `generate(cache_implementation="static")` builds for it
+(`_prepare_static_cache`: the layout's own `LayoutStaticCache` for rehead's layouts, transformers'
+`StaticCache` for the source), sized for the context and the new tokens. One held-out sequence of
+--context tokens is prefilled and its cache copied to every row of the batch (the prefill is not
+timed; copying keeps a 2048-token context affordable on a CPU). Then --new decode steps, one token
+per row each (the rows read different held-out text, so MoH routes them differently), are timed
+*interleaved*: one step of each model in turn, so that a shared machine's load falls on all of
+them alike. tokens/s = batch / step time, the median over the steps (and the best step).
+KV bytes are the cache's own buffers: bytes per cached token, and MiB at --context.
+Conversions are made into --work if missing.
 """
 
 import argparse
+import contextlib
+import importlib
+import inspect
 import json
 import statistics
 import sys
@@ -20,22 +29,137 @@ from pathlib import Path
 
 import torch
 
-STATIC_OK = {"source", "moh"}
-
-
-def cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):  # GDA keeps its noise keys inside "keys"
-            tensor = getattr(layer, name, None)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+SWITCHES = {  # --paths: the module constant that turns a layout's decode path off, and its "off" value
+    "dha": ("rehead.layouts.modeling_dha", "FUSED_QUERY_TOKENS", 0),
+}
 
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def kv_bytes_per_token(cache, batch: int) -> float:
+    total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return total / (batch * cache.layers[0].max_cache_len)
+
+
+@contextlib.contextmanager
+def switched(switch):
+    """With ``switch`` (module, name, value): that module constant set to value, then restored."""
+    if switch is None:
+        yield
+        return
+    module, name, value = importlib.import_module(switch[0]), switch[1], switch[2]
+    before = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
+def cache_arg(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
+class Decoder:
+    """One model's static cache after the prefill, and its timed decode steps."""
+
+    def __init__(self, name, model, prompt, tokens, switch=None):
+        self.name, self.model, self.tokens, self.switch = name, model, tokens, switch
+        batch, new = tokens.shape
+        self.context = prompt.shape[1]
+        self.cache = model._prepare_static_cache("static", batch, self.context + new, None, {})
+        single = model._prepare_static_cache("static", 1, self.context + new, None, {})
+        with torch.no_grad(), switched(self.switch):
+            model(prompt, use_cache=True, **{cache_arg(model): single})
+        for index, layer in enumerate(single.layers):  # the prompt's cache in every row
+            keys, values = layer.keys[:, :, : self.context], layer.values[:, :, : self.context]
+            self.cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
+        self.kv_per_token = kv_bytes_per_token(self.cache, batch)
+        self.seconds = []
+
+    def step(self, i: int, device: str) -> None:
+        batch = self.tokens.shape[0]
+        position = torch.full((batch, 1), self.context + i, device=self.tokens.device)
+        sync(device)
+        started = time.perf_counter()
+        with torch.no_grad(), switched(self.switch):
+            self.model(self.tokens[:, i : i + 1], position_ids=position, use_cache=True,
+                       **{cache_arg(self.model): self.cache})
+        sync(device)
+        self.seconds.append(time.perf_counter() - started)
+
+
+def run(entries, prompt, tokens, device: str) -> list[dict]:
+    """Times ``entries`` [(name, model, switch)] interleaved; one row per entry."""
+    decoders = [Decoder(name, model, prompt, tokens, switch) for name, model, switch in entries]
+    for decoder in decoders:
+        decoder.step(0, device)  # warm-up
+    for i in range(1, tokens.shape[1]):
+        for decoder in decoders:
+            decoder.step(i, device)
+    batch, context = tokens.shape[0], prompt.shape[1]
+    rows = []
+    for d in decoders:
+        steps = d.seconds[1:]
+        rows.append({"model": d.name, "cache": type(d.cache).__name__, "batch": batch, "context": context,
+                     "decode_tokens_per_s": batch / statistics.median(steps), "best_tokens_per_s": batch / min(steps),
+                     "kv_bytes": d.kv_per_token * batch * context, "kv_bytes_per_token": d.kv_per_token})
+    return rows
+
+
+def table(rows) -> str:
+    base = rows[0]
+    lines = [f"{'model':<14} {'cache':<18} {'tok/s':>8} {'ratio':>6} {'best':>8} {'ratio':>6} {'KV MiB':>8} "
+             f"{'KV B/tok':>9} {'vs source':>9}"]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<14} {r['cache']:<18} {r['decode_tokens_per_s']:>8.2f} "
+            f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:>6.3f} {r['best_tokens_per_s']:>8.2f} "
+            f"{r['best_tokens_per_s'] / base['best_tokens_per_s']:>6.3f} {r['kv_bytes'] / 2**20:>8.1f} "
+            f"{r['kv_bytes_per_token']:>9.0f} {r['kv_bytes'] / base['kv_bytes']:>9.3f}")
+    return "\n".join(lines)
+
+
+def kernels(device: str, batch: int, repeat: int = 30) -> None:
+    """DHA's attention alone, fused against gathered, at the SmolLM2 shape (9 query heads of 64) and a
+    2048-token cache, for query lengths 1..64: where FUSED_QUERY_TOKENS comes from."""
+    from rehead.layouts.configuration_dha import DHAConfig
+    from rehead.layouts.modeling_dha import DHAAttention
+    from rehead.layouts.modeling_stack import attend
+
+    config = DHAConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=1,
+                       key_heads_per_layer=[2], value_heads_per_layer=[1],
+                       key_head_of_query=[[0, 0, 0, 1, 1, 1, 0, 0, 0]], value_head_of_query=[[0] * 9])
+    config._attn_implementation = "sdpa"
+    attention = DHAAttention(config, 0).to(device).eval()
+    span = 2048
+    print(f"DHA attention, 9 query heads, 2 key heads, 1 value head, batch {batch}, {span} cached tokens "
+          f"(best of {repeat}, interleaved)")
+    print(f"{'query tokens':>12} {'fused ms':>9} {'gathered ms':>12}")
+    for length in (1, 2, 4, 8, 16, 32, 64):
+        q = torch.randn(batch, 9, length, 64, device=device)
+        k, v = torch.randn(batch, 2, span, 64, device=device), torch.randn(batch, 1, span, 64, device=device)
+        mask = torch.ones(length, span, dtype=torch.bool, device=device).tril(span - length)[None, None]
+        mask = mask.expand(batch, 1, length, span)
+        key_of_query, value_of_query = attention._maps(q.device)[:2]
+        paths = {
+            "fused": lambda: attention.fused_attention(q, k, v, mask),
+            "gathered": lambda: attend(attention, attention, q, k.index_select(1, key_of_query),
+                                       v.index_select(1, value_of_query), mask),
+        }
+        best = {name: float("inf") for name in paths}
+        with torch.no_grad():
+            for _ in range(repeat):
+                for name, path in paths.items():
+                    sync(device)
+                    started = time.perf_counter()
+                    path()
+                    sync(device)
+                    best[name] = min(best[name], time.perf_counter() - started)
+        print(f"{length:>12} {best['fused'] * 1e3:>9.3f} {best['gathered'] * 1e3:>12.3f}")
 
 
 def main(argv=None) -> int:
@@ -45,59 +169,51 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="runs/bench-train")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--batch", default="4", help="batch sizes, comma-separated")
+    parser.add_argument("--context", default="256,2048", help="context lengths, comma-separated")
+    parser.add_argument("--new", type=int, default=16, help="decode steps timed per model (after one warm-up)")
     parser.add_argument("--text", default="shakespeare-heldout", help="prompt text (a text spec)")
+    parser.add_argument("--paths", action="store_true", help="time each layout's decode path against its dense path")
+    parser.add_argument("--kernels", action="store_true", help="time DHA's attention alone by query length")
+    parser.add_argument("--threads", type=int, help="torch threads (on a shared CPU, 1 keeps a descheduled thread "
+                        "from stalling the other at every parallel op)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    if args.kernels:
+        for batch in sizes(args.batch):
+            kernels(args.device, batch)
+        return 0
 
     from bench_common import conversions
 
     from rehead import models, text
 
-    specs = conversions(args.source, Path(args.work), [x for x in args.layouts.split(",") if x], calib_tokens=4096)
+    layouts = [x for x in args.layouts.split(",") if x and (not args.paths or x in SWITCHES)]
+    specs = conversions(args.source, Path(args.work), layouts, calib_tokens=4096)
+    if args.paths:
+        specs.pop("source")
+    loaded = {name: models.load(spec, args.dtype, args.device)[:2] for name, spec in specs.items()}
+    tokenizer = next(iter(loaded.values()))[1]
+    if args.paths:
+        entries = [entry for name, (model, _) in loaded.items()
+                   for entry in [(f"{name} dense", model, SWITCHES[name]), (f"{name} decode path", model, None)]]
+    else:
+        entries = [(name, model, None) for name, (model, _) in loaded.items()]
 
     rows = []
-    for name, spec in specs.items():
-        model, tokenizer, _ = models.load(spec, args.dtype, args.device)
-        ids = text.blocks(tokenizer, args.text, args.batch * args.context, args.context).to(args.device)
-        with torch.no_grad():
-            prefill = model(ids, use_cache=True)
-        kv = cache_bytes(prefill.past_key_values)
-        del prefill
-        impl = "static" if name in STATIC_OK else "dynamic"
-        kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id, cache_implementation=impl)
-
-        def timed(model, new: int) -> float:
-            sync(args.device)
+    print(f"{args.dtype} on {args.device}, {args.new} decode steps per model after one warm-up, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    for batch in sizes(args.batch):
+        for context in sizes(args.context):
+            ids = text.token_ids(tokenizer, args.text, context + batch * (args.new + 1)).to(args.device)
+            prompt, tokens = ids[None, :context], ids[context:].view(batch, args.new + 1)
             started = time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
-            sync(args.device)
-            assert out.shape[1] == args.context + new, out.shape
-            return time.perf_counter() - started
-
-        timed(model, 2)  # warm-up
-        decode = []
-        for _ in range(args.repeat):
-            decode.append(timed(model, args.new + 1) - timed(model, 1))
-        seconds = statistics.median(decode)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
-        rows.append({"model": name, "cache": impl, "decode_tokens_per_s": args.batch * args.new / seconds,
-                     "kv_bytes": kv, "kv_bytes_per_token": kv / (args.batch * args.context), "peak_gpu_gb": peak})
-        del model
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    base = rows[0]
-    print(f"batch {args.batch}, context {args.context}, {args.new} new tokens, {args.dtype} on {args.device}")
-    print(f"{'model':<8} {'cache':<8} {'decode tok/s':>12} {'ratio':>6} {'KV MiB':>8} {'KV B/token':>10} {'vs source':>9}")
-    for r in rows:
-        print(f"{r['model']:<8} {r['cache']:<8} {r['decode_tokens_per_s']:>12.1f} "
-              f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:>6.3f} {r['kv_bytes'] / 2**20:>8.1f} "
-              f"{r['kv_bytes_per_token']:>10.0f} {r['kv_bytes'] / base['kv_bytes']:>9.3f}")
+            block = run(entries, prompt, tokens, args.device)
+            print(f"\nbatch {batch}, context {context} ({time.perf_counter() - started:.0f} s)\n{table(block)}")
+            rows += block
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     return 0

@@ -93,10 +93,10 @@ class DHAAttention(LlamaAttention):
             attention_mask = torch.ones(length, span, dtype=torch.bool, device=query.device).tril()
         if attention_mask is not None:
             attention_mask = attention_mask[..., :span]
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            if attention_mask.dtype == torch.bool:  # in place: the scores are this function's own
+                scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
             else:
-                scores = scores + attention_mask
+                scores.add_(attention_mask)
         weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
         by_value = weights.index_select(1, key_slot_of_value_slot).view(batch, values, -1, span)
         output = torch.matmul(by_value, value).view(batch, -1, length, dim).index_select(1, value_slot)
