@@ -24,6 +24,7 @@ from rehead.errors import ReheadError
 from rehead.files import atomic_output, check_output
 from rehead.heads import LAYER_RE, head_dim_of
 from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
+from rehead.sampled import Sampler
 from rehead.sources import Source, card_metadata, resolve
 from rehead.writer import finish
 
@@ -238,7 +239,11 @@ def open_source(source_spec: str, out: Path, options: ConvertOptions, rewriter: 
     if job.tokenizer is None:
         log.warning("%s has no tokenizer: the output will have none either (add one before using it)", source_spec)
     elif calibrates:
-        job.calib_ids = text.blocks(job.tokenizer, options.calib, options.calib_tokens, options.calib_seq_len)
+        sampler = None
+        if "self" in text.parts(options.calib):  # text sampled from the source itself
+            sampler = Sampler(source.path, job.tokenizer, options.device, options.calib_seed,
+                              allow_pickle=options.allow_pickle)
+        job.calib_ids = text.blocks(job.tokenizer, options.calib, options.calib_tokens, options.calib_seq_len, sampler)
     return job
 
 
