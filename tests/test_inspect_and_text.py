@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from conftest import byte_tokenizer
+from rehead.convert import convert
 
 from rehead import text
 from rehead.app.cli import main
-from rehead.convert import convert
-from rehead.errors import ReheadError
 from rehead.describe import describe
+from rehead.errors import ReheadError
 
 
 def test_inspect_a_gqa_source(tiny, capsys):
