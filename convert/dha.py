@@ -2,8 +2,9 @@
 
 Two streamed passes over the layers:
 1. plan: on the source's own activations, each layer's fit-error curve for keeping 1 … KV key
-   heads and 1 … KV value heads (groups merged cheapest first); the global budget then goes,
-   one head at a time, to the layer and kind (K or V) whose next merge would cost the most;
+   heads and 1 … KV value heads (groups merged cheapest first), priced at the layer's attention
+   output or, with ``--allocation logits``, by its effect on the final logits; the global budget then
+   goes, one head at a time, to the layer and kind (K or V) whose next merge would cost the most;
 2. convert: on the converted prefix's activations, each layer's groups are formed again at the
    planned counts and fused in closed form (``dha_fusion``), optionally refined for a few steps
    to match the source layer's attention output.
@@ -65,6 +66,10 @@ class DHAOptions(ConvertOptions):
                                "mean: GQA mean-pooling (Ainslie et al. 2023)")
     uniform: bool = Field(False, description="equal groups shared by K and V in every layer: a stock grouped-query "
                                              "checkpoint")
+    allocation: Literal["attention", "logits"] = Field(
+        "attention", description="how the planner prices fusing a layer's heads: attention (the error at the layer's "
+                                 "attention output) or logits (its effect on the model's output: the error weighted by "
+                                 "the Fisher information of the next-token distribution, ~ the KL to the source's)")
     refine_steps: int = Field(0, ge=0, description="layer-local refinement steps after the closed form")
     refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
 
@@ -141,6 +146,10 @@ class DHARewriter(Rewriter):
     def needs_planning(self) -> bool:
         return self.needs_calibration and self.per_layer is None
 
+    @property
+    def probe_sequences(self) -> int:
+        return PROBE_SEQUENCES if self.options.allocation == "logits" and self.needs_planning else 0
+
     # ---- statistics ----
 
     def fusion(self, layer: LayerInput) -> LayerFusion:
@@ -168,7 +177,8 @@ class DHARewriter(Rewriter):
 
     def observe_layer(self, layer: LayerInput) -> None:
         """Each layer's error curve for 1 … KV key heads and 1 … KV value heads, measured where it
-        matters: the attention output's squared error relative to the residual stream's energy."""
+        matters: the attention output's squared error relative to the residual stream's energy, or with
+        ``--allocation logits`` its Fisher-weighted error ½ Σ G ⊙ e² per token (convert/sensitivity.py)."""
         fusion = self.fusion(layer)
         calib = layer.calibration
         source = layer.source_layer
@@ -188,7 +198,9 @@ class DHARewriter(Rewriter):
                 attn = self.attention(layer.index, tensors, key_map, value_map, groups)
                 with torch.no_grad():
                     out = attn(x, position_embeddings=(cos, sin))[0]
-                curve[count] = (out - target).pow(2).mean().item() / scale
+                error = (out - target).pow(2)
+                curve[count] = (error.mean().item() / scale if self.sensitivity is None
+                                else 0.5 * (self.sensitivity[layer.index] * error).sum().item() / error[..., 0].numel())
             self.curves[(layer.index, kind)] = curve
         shown = sorted({0, self.layers // 2, self.layers - 1})[:HEATMAP_LAYERS]
         if layer.index in shown:
@@ -354,6 +366,7 @@ class DHARewriter(Rewriter):
             "fusion": self.options.fusion,
             "uniform": self.options.uniform,
             "refine_steps": self.options.refine_steps,
+            "allocation": self.options.allocation,
         }
 
     def write_extras(self, folder: Path) -> None:

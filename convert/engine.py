@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from rehead import architectures, text
 from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
@@ -29,6 +29,7 @@ from rehead.sources import Source, card_metadata, resolve
 from rehead.writer import finish
 
 from .options import DTYPES, ConvertOptions
+from .sensitivity import attention_fisher
 
 log = logging.getLogger("rehead.convert")
 IDENTITY_TOLERANCE = 1e-4
@@ -75,7 +76,8 @@ class Rewriter:
 
     ``Options``: the layout's options, a pydantic model extending ConvertOptions (its own fields become
     the layout's command-line flags); ``preset``: the options ``rehead pipeline`` and the benchmarks
-    convert with; ``trainable``: what the pipeline's short tuning trains.
+    convert with; ``trainable``: what the pipeline's short tuning trains; ``probe_sequences`` and
+    ``sensitivity``: see ``plan_pass``.
     """
 
     layout = ""
@@ -84,6 +86,8 @@ class Rewriter:
     trainable = "all"
     needs_calibration = False
     needs_planning = False
+    probe_sequences = 0  # > 0: the planning pass first measures ``sensitivity`` on this many sequences
+    sensitivity: list[torch.Tensor] | None = None
 
     def __init__(self, options: ConvertOptions):
         self.options = options
@@ -291,9 +295,24 @@ def write_outer_tensors(job: SourceReader, sink: TensorSink, device: str) -> Cal
     return calibration
 
 
+def sensitivity_pass(job: SourceReader, calibration: Calibration, sequences: int, device: str,
+                     seed: int) -> list[torch.Tensor]:
+    """Each layer's attention-output Fisher diagonal (rehead.convert.sensitivity) on the first calibration sequences."""
+    norm = LlamaRMSNorm(job.llama.hidden_size, eps=job.llama.rms_norm_eps)
+    norm.weight.data = job.reader.get("model.norm.weight").float()
+    head = job.reader.get("lm_head.weight" if "lm_head.weight" in job.other_names else "model.embed_tokens.weight")
+    position = tuple(t[:sequences] for t in calibration.position_embeddings)
+    return attention_fisher(lambda i: build_layer(LlamaDecoderLayer, job.llama, i, job.read_layer(i), device),
+                            job.llama.num_hidden_layers, calibration.hidden[:sequences], position, norm.to(device),
+                            head.float().to(device), seed)
+
+
 def plan_pass(job: SourceReader, rewriter: Rewriter, calibration: Calibration, device: str) -> None:
     """A first pass over the source's own activations, for rewriters that plan across layers."""
     planning = Calibration(calibration.hidden.clone(), calibration.position_embeddings)
+    if rewriter.probe_sequences:  # the rewriter prices its options by their effect on the logits
+        rewriter.sensitivity = sensitivity_pass(job, planning, rewriter.probe_sequences, device,
+                                                rewriter.options.calib_seed)
     for index in tqdm(range(job.llama.num_hidden_layers), desc=f"plan {rewriter.layout}", unit="layer"):
         tensors = job.read_layer(index)
         original = build_layer(LlamaDecoderLayer, job.llama, index, tensors, device)

@@ -33,8 +33,12 @@ VARIANTS = {
     "dha-1/3": dict(to="dha", kv_budget=0.3334),
     "dha-2/3-refine": dict(to="dha", kv_budget=0.6667, refine_steps=30),
     "dha-1/3-refine": dict(to="dha", kv_budget=0.3334, refine_steps=30),
+    "dha-2/3-logits": dict(to="dha", kv_budget=0.6667, allocation="logits"),
+    "dha-1/3-logits": dict(to="dha", kv_budget=0.3334, allocation="logits"),
+    "dha-2/3-logits-refine": dict(to="dha", kv_budget=0.6667, allocation="logits", refine_steps=30),
+    "dha-1/3-logits-refine": dict(to="dha", kv_budget=0.3334, allocation="logits", refine_steps=30),
 }
-AIMS = {"moh": 1.3, "dha-2/3": 1.5, "dha-1/3": 5.0, "dha-2/3-refine": 1.5, "dha-1/3-refine": 5.0}
+AIMS = {name: 1.3 if name == "moh" else 1.5 if "2/3" in name else 5.0 for name in VARIANTS}
 
 
 def slug(*names: str) -> str:

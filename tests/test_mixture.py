@@ -92,3 +92,9 @@ def test_tuning_on_a_mixture_with_the_teachers_own_text(tiny, tmp_path, calib_fi
     result = tune(r)
     assert list((tmp_path / "cache" / "sampled").glob("*/batch-00000.json"))  # the teacher was sampled
     assert Provenance.load(result.model).tune.recipe["data"]["train"] == {str(calib_file): 1.0, "self": 1.0}
+
+
+def test_the_cpu_recipes_tune_on_a_mixture_with_the_teachers_text():
+    for layout in ("moh", "dha", "gda"):
+        r = load(f"smollm2-135m-{layout}")
+        assert dict(mixture(r.data.train)) == {"shakespeare": 1.0, "pydoc": 1.0, "self": 1.0} and r.teacher
