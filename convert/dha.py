@@ -2,8 +2,9 @@
 
 Two streamed passes over the layers:
 1. plan: on the source's own activations, each layer's fit-error curve for keeping 1 … KV key
-   heads and 1 … KV value heads (groups merged cheapest first); the global budget then goes,
-   one head at a time, to the layer and kind (K or V) whose next merge would cost the most;
+   heads and 1 … KV value heads (groups merged cheapest first), priced at the layer's attention
+   output or, with ``--allocation logits``, by its effect on the final logits; the global budget then
+   goes, one head at a time, to the layer and kind (K or V) whose next merge would cost the most;
 2. convert: on the converted prefix's activations, each layer's groups are formed again at the
    planned counts and fused in closed form (``dha_fusion``), optionally refined for a few steps
    to match the source layer's attention output.
@@ -75,10 +76,14 @@ class Probe:
         return cls(x, (cos, sin), target, hidden.pow(2).mean().item())
 
     @torch.no_grad()
-    def error(self, attention: torch.nn.Module) -> float:
-        """``attention``'s squared error on the probe, relative to the residual stream's energy."""
+    def error(self, attention: torch.nn.Module, sensitivity: torch.Tensor | None = None) -> float:
+        """``attention``'s squared error on the probe, relative to the residual stream's energy; with the
+        layer's ``sensitivity`` (``--allocation logits``), its Fisher-weighted error ½ Σ G ⊙ e² per token."""
         out = attention(self.x, position_embeddings=self.position_embeddings)[0]
-        return (out - self.target).pow(2).mean().item() / self.scale
+        error = (out - self.target).pow(2)
+        if sensitivity is None:
+            return error.mean().item() / self.scale
+        return 0.5 * (sensitivity * error).sum().item() / error[..., 0].numel()
 
 
 class DHAOptions(ConvertOptions):
@@ -92,6 +97,10 @@ class DHAOptions(ConvertOptions):
                                "mean: GQA mean-pooling (Ainslie et al. 2023)")
     uniform: bool = Field(False, description="equal groups shared by K and V in every layer: a stock grouped-query "
                                              "checkpoint")
+    allocation: Literal["attention", "logits"] = Field(
+        "attention", description="how the planner prices fusing a layer's heads: attention (the error at the layer's "
+                                 "attention output) or logits (its effect on the model's output: the error weighted by "
+                                 "the Fisher information of the next-token distribution, ~ the KL to the source's)")
     refine_steps: int = Field(0, ge=0, description="layer-local refinement steps after the closed form")
     refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
     export: Literal["deci"] | None = Field(None, description="deci: a DeciLM (nemotron-nas) checkpoint with a KV head "
@@ -175,6 +184,10 @@ class DHARewriter(Rewriter):
         """Whether K and V share equal groups, query heads permuted to read them contiguously (plain GQA)."""
         return self.options.uniform
 
+    @property
+    def probe_sequences(self) -> int:
+        return PROBE_SEQUENCES if self.options.allocation == "logits" and self.needs_planning else 0
+
     # ---- statistics ----
 
     def fusion(self, layer: LayerInput) -> LayerFusion:
@@ -202,7 +215,8 @@ class DHARewriter(Rewriter):
 
     def observe_layer(self, layer: LayerInput) -> None:
         """Each layer's error curve for 1 … KV key heads and 1 … KV value heads, measured where it
-        matters: the attention output's squared error relative to the residual stream's energy."""
+        matters: the attention output's squared error relative to the residual stream's energy, or with
+        ``--allocation logits`` its Fisher-weighted error ½ Σ G ⊙ e² per token (convert/sensitivity.py)."""
         fusion = self.fusion(layer)
         probe = Probe.of(layer)
         singletons = [(j,) for j in range(self.kv)]
@@ -219,7 +233,8 @@ class DHARewriter(Rewriter):
                     mean: bool = False, permute: bool = False) -> float:
         """The probe's error with the layer's K and V heads fused into these groups."""
         tensors, key_map, value_map = self.assemble(fusion, key_groups, value_groups, mean, permute)
-        return probe.error(self.attention(index, tensors, key_map, value_map, (key_groups, value_groups)))
+        sensitivity = self.sensitivity[index] if self.sensitivity is not None else None
+        return probe.error(self.attention(index, tensors, key_map, value_map, (key_groups, value_groups)), sensitivity)
 
     def observe_similarity(self, index: int, fusion: LayerFusion) -> None:
         """The pairwise merge errors of a few layers, for dha_plan.png."""
@@ -390,6 +405,7 @@ class DHARewriter(Rewriter):
             "fusion": self.options.fusion,
             "uniform": self.options.uniform,
             "refine_steps": self.options.refine_steps,
+            "allocation": self.options.allocation,
         }
 
     def write_extras(self, folder: Path) -> None:

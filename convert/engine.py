@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from rehead import architectures, text
 from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
@@ -25,10 +25,12 @@ from rehead.files import atomic_output, check_output
 from rehead.heads import LAYER_RE, head_dim_of
 from rehead.layouts import layout_config
 from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
+from rehead.sampled import Sampler
 from rehead.sources import Source, card_metadata, resolve
 from rehead.writer import finish
 
 from .options import DTYPES, ConvertOptions
+from .sensitivity import attention_fisher
 
 log = logging.getLogger("rehead.convert")
 IDENTITY_TOLERANCE = 1e-4
@@ -75,7 +77,8 @@ class Rewriter:
 
     ``Options``: the layout's options, a pydantic model extending ConvertOptions (its own fields become
     the layout's command-line flags); ``preset``: the options ``rehead pipeline`` and the benchmarks
-    convert with; ``trainable``: what the pipeline's short tuning trains.
+    convert with; ``trainable``: what the pipeline's short tuning trains; ``probe_sequences`` and
+    ``sensitivity``: see ``plan_pass``.
     """
 
     layout = ""
@@ -85,6 +88,8 @@ class Rewriter:
     needs_calibration = False
     needs_planning = False
     source_layouts: tuple[str, ...] = ()  # rehead layouts it also reads as a source (stock LLaMA forms always)
+    probe_sequences = 0  # > 0: the planning pass first measures ``sensitivity`` on this many sequences
+    sensitivity: list[torch.Tensor] | None = None
 
     def __init__(self, options: ConvertOptions):
         self.options = options
@@ -244,7 +249,11 @@ def open_source(source_spec: str, out: Path, options: ConvertOptions, rewriter: 
     if job.tokenizer is None:
         log.warning("%s has no tokenizer: the output will have none either (add one before using it)", source_spec)
     elif calibrates:
-        job.calib_ids = text.blocks(job.tokenizer, options.calib, options.calib_tokens, options.calib_seq_len)
+        sampler = None
+        if "self" in text.parts(options.calib):  # text sampled from the source itself
+            sampler = Sampler(source.path, job.tokenizer, options.device, options.calib_seed,
+                              allow_pickle=options.allow_pickle)
+        job.calib_ids = text.blocks(job.tokenizer, options.calib, options.calib_tokens, options.calib_seq_len, sampler)
     return job
 
 
@@ -292,9 +301,24 @@ def write_outer_tensors(job: SourceReader, sink: TensorSink, device: str) -> Cal
     return calibration
 
 
+def sensitivity_pass(job: SourceReader, calibration: Calibration, sequences: int, device: str,
+                     seed: int) -> list[torch.Tensor]:
+    """Each layer's attention-output Fisher diagonal (rehead.convert.sensitivity) on the first calibration sequences."""
+    norm = LlamaRMSNorm(job.llama.hidden_size, eps=job.llama.rms_norm_eps)
+    norm.weight.data = job.reader.get("model.norm.weight").float()
+    head = job.reader.get("lm_head.weight" if "lm_head.weight" in job.other_names else "model.embed_tokens.weight")
+    position = tuple(t[:sequences] for t in calibration.position_embeddings)
+    return attention_fisher(lambda i: build_layer(LlamaDecoderLayer, job.llama, i, job.read_layer(i), device),
+                            job.llama.num_hidden_layers, calibration.hidden[:sequences], position, norm.to(device),
+                            head.float().to(device), seed)
+
+
 def plan_pass(job: SourceReader, rewriter: Rewriter, calibration: Calibration, device: str) -> None:
     """A first pass over the source's own activations, for rewriters that plan across layers."""
     planning = Calibration(calibration.hidden.clone(), calibration.position_embeddings)
+    if rewriter.probe_sequences:  # the rewriter prices its options by their effect on the logits
+        rewriter.sensitivity = sensitivity_pass(job, planning, rewriter.probe_sequences, device,
+                                                rewriter.options.calib_seed)
     for index in tqdm(range(job.llama.num_hidden_layers), desc=f"plan {rewriter.layout}", unit="layer"):
         tensors = job.read_layer(index)
         original = rewriter.source_module(index, tensors, job.llama, device)

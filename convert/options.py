@@ -20,8 +20,10 @@ class ConvertOptions(BaseModel):
     to: str = Field(description="target layout")
     calib: str = Field(
         "shakespeare", json_schema_extra=CALIBRATION,
-        description="calibration text: a built-in name (shakespeare, pydoc), files or folders, or a datasets id "
-                    "ID[:CONFIG][@SPLIT][#COLUMN]; several joined with commas share the token budget")
+        description="calibration text: a built-in name (shakespeare, pydoc; self: text sampled from the source "
+                    "model on --device, cached), files or folders, or a datasets id ID[:CONFIG][@SPLIT][#COLUMN]; "
+                    "several joined with commas share the token budget")
+    calib_seed: int = Field(0, json_schema_extra=CALIBRATION, description="seed of the text --calib self samples")
     calib_tokens: int = Field(8192, gt=0, json_schema_extra=CALIBRATION, description="calibration tokens")
     calib_seq_len: int = Field(512, gt=1, json_schema_extra=CALIBRATION, description="calibration sequence length")
     check_identity: bool = Field(

@@ -8,10 +8,12 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from rehead.app.cli import main  # noqa: E402
-from rehead.errors import ReheadError  # noqa: E402
 from rehead.eval import evaluate, harness, offline  # noqa: E402
 from rehead.eval.report import compare  # noqa: E402
+
+from rehead import text  # noqa: E402
+from rehead.app.cli import main  # noqa: E402
+from rehead.errors import ReheadError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -46,6 +48,10 @@ def test_offline_data_is_real_held_out_text():
     assert any("Ham." in d["text"] for d in ppl)  # Hamlet is among the held-out plays
     for doc in cloze:  # LAMBADA's property: the target occurs in the context
         assert doc["target"].lower() in doc["context"].lower() and doc["target"].isalpha()
+    pydoc = [json.loads(line)["text"] for line in (folder / "pydoc_ppl.jsonl").read_text().splitlines()]
+    flat = {name: " ".join(" ".join(text.documents(name)).split()) for name in ("pydoc", "pydoc-heldout")}
+    assert len(pydoc) > 100  # passages of the held-out topics only, never of the calibration part
+    assert all(" ".join(p.split()) in flat["pydoc-heldout"] and " ".join(p.split()) not in flat["pydoc"] for p in pydoc)
 
 
 def test_a_model_against_itself_retains_everything_and_the_cache_is_used(tiny, tmp_path, monkeypatch):
@@ -59,7 +65,7 @@ def test_a_model_against_itself_retains_everything_and_the_cache_is_used(tiny, t
     table = (tmp_path / "ev" / "report.md").read_text()
     for row in results["comparison"]:  # the table and the JSON agree
         assert f"| {row['task']} | {row['metric']} " in table
-        line = next(l for l in table.splitlines() if l.startswith(f"| {row['task']} | {row['metric']} "))
+        line = next(x for x in table.splitlines() if x.startswith(f"| {row['task']} | {row['metric']} "))
         assert float(line.split("|")[3]) == pytest.approx(row["baseline"], rel=1e-3)
     raw = results["candidate"]["results"]["results"]["rehead_cloze"]
     assert [r["candidate"] for r in results["comparison"] if r["task"] == "rehead_cloze" and r["metric"] == "acc"] \

@@ -13,6 +13,9 @@ from rehead.errors import ReheadError  # noqa: E402
 def test_the_pipeline_runs_every_stage_for_every_layout(tiny, tmp_path, monkeypatch):
     from rehead.eval import harness
 
+    from rehead import text
+
+    monkeypatch.setattr("rehead.sampled.cache_dir", lambda: tmp_path / "cache")  # the samples of this tiny source
     monkeypatch.setattr(harness.ResultCache, "__init__",
                         lambda self, root=None: setattr(self, "root", tmp_path / "eval-cache"))
     src = tiny("gqa")
@@ -26,14 +29,21 @@ def test_the_pipeline_runs_every_stage_for_every_layout(tiny, tmp_path, monkeypa
     source_kv = result["source_kv_bytes_per_token"]
     assert by["dha"]["kv_bytes_per_token"] == source_kv // 2 and by["moh"]["kv_bytes_per_token"] == source_kv
     assert by["moh"]["active_heads"] == "4/6"  # 0.75 of 6 heads, rounded down
-    assert by["gda"]["ppl_converted"] == pytest.approx(result["source_ppl"], rel=1e-4)  # grown GDA starts as the source
+    assert list(result["source_ppl"]) == list(text.HELDOUT_TEXTS)
+    for kind, ppl in result["source_ppl"].items():  # grown GDA starts as the source
+        assert by["gda"]["ppl_converted"][kind] == pytest.approx(ppl, rel=1e-4)
+    # the default tuning mixture holds the teacher's own samples
+    assert settings.train == {"shakespeare": 1, "pydoc": 1, "self": 1}
+    assert list((tmp_path / "cache" / "sampled").glob("*/batch-00000.json"))
     for row in result["rows"]:
-        assert row["ppl_tuned"] != row["ppl_converted"] and row["retention"] > 0
+        assert set(row["ppl_tuned"]) == set(text.HELDOUT_TEXTS) and row["retention"] > 0
+        assert all(row["ppl_tuned"][k] != row["ppl_converted"][k] for k in text.HELDOUT_TEXTS)
         card = (tmp_path / "work" / "cards" / f"{row['layout']}.md").read_text()
         assert card.startswith("---\n") and "## Continue-tuning" in card and "## Evaluation" in card
         assert (tmp_path / "work" / f"tune-{row['layout']}" / "model" / "eval" / "report.png").is_file()
     table = (tmp_path / "work" / "summary.md").read_text()
-    assert "| dha | 6/6 |" in table and "| source |" in table
+    assert "| dha | 6/6 |" in table and "| source |" in table and "python-source-heldout ppl" in table
+    assert "{shakespeare: 1, pydoc: 1, self: 1}" in table
 
 
 def test_an_existing_work_folder_needs_overwrite(tiny, tmp_path):

@@ -23,12 +23,15 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from rehead import models, text, writer
 from rehead.errors import ReheadError
 from rehead.provenance import EvalPoint, Provenance, TuneRecord
+from rehead.sampled import Sampler
+from rehead.sources import resolve
 
-from .data import PackedBlocks, StreamedBlocks, pack
+from .data import PackedBlocks, StreamedBlocks, mixture, pack_mixture
 from .losses import Objective
 from .meter import CSVTracker, detect_peak_tflops, flops_per_token, peak_memory_bytes
 from .recipe import Recipe
@@ -129,7 +132,8 @@ class Trainer:
                 project_dir=str(self.out),
             )
         except (ImportError, ValueError) as e:
-            raise ReheadError(f"log: {recipe.log}: the tracker could not start ({e}); install it or use log: csv") from None
+            raise ReheadError(
+                f"log: {recipe.log}: the tracker could not start ({e}); install it or use log: csv") from None
         set_seed(recipe.seed)
         if not log.isEnabledFor(logging.DEBUG):  # accelerate logs every file it saves at INFO
             logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -161,13 +165,19 @@ class Trainer:
 
     def _data(self, tokenizer, total_steps: int | None):
         r, world = self.recipe, self.acc.num_processes
-        if r.data.streaming:
-            train = StreamedBlocks(tokenizer, r.data.train, r.data.seq_len, r.seed, r.data.shuffle_buffer,
-                                   r.train.micro_batch, r.train.grad_accum, world)
-        else:
-            per_step = r.train.micro_batch * r.train.grad_accum * world
-            train = PackedBlocks(pack(tokenizer, r.data.train, r.data.seq_len, total_steps * per_step),
-                                 r.seed, r.train.micro_batch, r.train.grad_accum, world)
+        parts = mixture(r.data.train)
+        sampler = None
+        if any(spec == "self" for spec, _ in parts):  # the teacher's own text, sampled once by the main process
+            teacher = resolve(r.teacher).path
+            sampler = Sampler(teacher, AutoTokenizer.from_pretrained(teacher), str(self.device), r.seed)
+        with self.acc.main_process_first():
+            if r.data.streaming:
+                train = StreamedBlocks(tokenizer, r.data.train, r.data.seq_len, r.seed, r.data.shuffle_buffer,
+                                       r.train.micro_batch, r.train.grad_accum, world, sampler)
+            else:
+                per_step = r.train.micro_batch * r.train.grad_accum * world
+                train = PackedBlocks(pack_mixture(tokenizer, parts, r.data.seq_len, total_steps * per_step, sampler),
+                                     r.seed, r.train.micro_batch, r.train.grad_accum, world)
         held = None
         if r.data.eval is not None:
             held = text.blocks(tokenizer, r.data.eval, r.data.eval_tokens, r.data.seq_len)
@@ -363,7 +373,8 @@ class Trainer:
             if held is not None and ((r.train.eval_every and step % r.train.eval_every == 0) or step == total):
                 history.append({"step": step, "eval_ppl": self.evaluate(objective, held)})
                 self._record({"kind": "eval", "eval_ppl": history[-1]["eval_ppl"]}, step)
-                bar.write(f"step {step}: held-out perplexity {history[-1]['eval_ppl']:.3f}") if acc.is_main_process else None
+                if acc.is_main_process:
+                    bar.write(f"step {step}: held-out perplexity {history[-1]['eval_ppl']:.3f}")
             if (r.train.save_every and step % r.train.save_every == 0) or step == total:
                 last_good = self.save_checkpoint(step, {"step": step, "tokens": tokens_seen, "history": history})
             _fault(step)

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rehead.errors import ReheadError
+
+from .data import mixture
 
 
 class Section(BaseModel):
@@ -22,7 +24,10 @@ class Section(BaseModel):
 
 
 class Data(Section):
-    train: str = Field("shakespeare", description="training text: built-in name, local files/folder, or datasets id")
+    train: str | list[str] | dict[str, float] = Field(
+        "shakespeare", description="training text: a text spec (built-in name, local files/folder, datasets id; "
+                                   "self: text sampled from the teacher), or a mixture of them: a mapping "
+                                   "{text: weight}, a list or a comma-joined spec (equal weights)")
     eval: str | None = Field("shakespeare-heldout", description="held-out text for eval perplexity (null: none)")
     seq_len: int = Field(512, gt=1, description="tokens per packed block")
     eval_tokens: int = Field(16384, gt=0, description="tokens of held-out text scored at each evaluation")
@@ -30,6 +35,12 @@ class Data(Section):
         False, description="pack blocks on the fly from a document stream (for sets too large to tokenize up front)"
     )
     shuffle_buffer: int = Field(1024, gt=0, description="blocks in the shuffle buffer when streaming")
+
+    @field_validator("train")
+    @classmethod
+    def _mixture(cls, value):
+        mixture(value)
+        return value
 
 
 class Loss(Section):
@@ -103,6 +114,9 @@ class Recipe(Section):
             raise ValueError("loss.kd > 0 needs a teacher (the original checkpoint)")
         if self.loss.lm == 0 and self.loss.kd == 0:
             raise ValueError("loss.lm and loss.kd are both 0: nothing to train on")
+        if self.teacher is None and any(spec == "self" for spec, _ in mixture(self.data.train)):
+            raise ValueError("data.train: 'self' is text sampled from the teacher; give a teacher (the original "
+                             "checkpoint) or other texts")
         return self
 
     def dump(self) -> str:
@@ -129,8 +143,10 @@ def _message(error: ValidationError) -> str:
             parts.append(f"{key}: unknown key")
         elif item["type"] == "missing":
             parts.append(f"{key}: missing (required)")
+        elif not item["loc"]:  # a check across sections names its keys itself
+            parts.append(item["msg"].removeprefix("Value error, "))
         else:
-            parts.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+            parts.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
     return "; ".join(parts)
 
 

@@ -16,6 +16,7 @@ from pydantic_core import PydanticUndefined
 from rehead.convert.options import flag
 from rehead.errors import ReheadError
 from rehead.files import write_text
+from rehead.text import HELDOUT_TEXTS
 
 log = logging.getLogger("rehead")
 
@@ -54,14 +55,17 @@ def cmd_perplexity(args) -> int:
         model, tokenizer, _ = models.load(spec, args.dtype, args.device)
         if tokenizer is None:
             raise ReheadError(f"{spec}: has no tokenizer; perplexity needs one")
-        blocks = text.blocks(tokenizer, args.text, args.tokens, args.seq_len)
-        rows.append((spec, metrics.perplexity(model, blocks, args.batch_size)))
+        rows.append((spec, [metrics.perplexity(model, text.blocks(tokenizer, kind, args.tokens, args.seq_len),
+                                               args.batch_size) for kind in args.text]))
         del model
     width = max(len(spec) for spec, _ in rows)
-    print(f"held-out perplexity on {args.text!r}, {args.tokens} tokens in blocks of {args.seq_len}")
+    columns = [max(len(kind), 17) for kind in args.text]
+    print(f"held-out perplexity, {args.tokens} tokens of each text in blocks of {args.seq_len} (× the first model's)")
+    print(f"  {'':<{width}}  " + "  ".join(f"{kind:>{c}}" for kind, c in zip(args.text, columns)))
     base = rows[0][1]
-    for spec, ppl in rows:
-        print(f"  {spec:<{width}}  {ppl:10.3f}  ×{ppl / base:.3f}")
+    for spec, values in rows:
+        cells = (f"{f'{ppl:.3f} ×{ppl / b:.3f}':>{c}}" for ppl, b, c in zip(values, base, columns))
+        print(f"  {spec:<{width}}  " + "  ".join(cells))
     return 0
 
 
@@ -263,7 +267,9 @@ def add_pipeline(sub) -> None:
 def add_perplexity(sub) -> None:
     p = sub.add_parser("perplexity", help="held-out perplexity of one or more models on the same text")
     p.add_argument("models", nargs="+", help="models (the first is the reference for the ratio column)")
-    p.add_argument("--text", default="shakespeare-heldout", help="text spec (default shakespeare-heldout)")
+    p.add_argument("--text", nargs="+", default=list(HELDOUT_TEXTS), metavar="SPEC",
+                   help="text specs, one column each (default: the held-out texts of three kinds, "
+                        f"{' '.join(HELDOUT_TEXTS)})")
     p.add_argument("--tokens", type=int, default=16384, help="tokens scored (default 16384)")
     p.add_argument("--seq-len", type=int, default=512, help="block length (default 512)")
     p.add_argument("--batch-size", type=int, default=4)
