@@ -18,8 +18,8 @@ import yaml
 
 from rehead.errors import ReheadError
 from rehead.layouts import BY_MODEL_TYPE, layout_config
-from rehead.provenance import Provenance
 from rehead.net import check_reachable, hub_endpoint
+from rehead.provenance import Provenance
 
 log = logging.getLogger("rehead.push")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")

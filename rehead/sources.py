@@ -41,12 +41,7 @@ def resolve(spec: str, revision: str | None = None, allow_pickle: bool = False) 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Source:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
     try:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="smollm2-135m")
@@ -29,7 +30,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from bench_common import conversions
-
     from rehead.tune import load, tune
 
     work = Path(args.work)

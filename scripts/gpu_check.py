@@ -93,8 +93,9 @@ def check_bf16(models: dict[str, str], device: str) -> list[dict]:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    from rehead import text
     from transformers import AutoTokenizer
+
+    from rehead import text
 
     ids = text.blocks(AutoTokenizer.from_pretrained(models["source"]), "pydoc", 4 * 512, 512).to(device)
     rows = []
@@ -160,11 +161,11 @@ def decode(models: dict[str, str], shape: str, work: Path, batch: int, context: 
 
 
 def recovery(work: Path, steps: int) -> dict:
-    from rehead import builtin
+    import torch
     from rehead.convert import convert
     from rehead.tune import load, tune
 
-    import torch
+    from rehead import builtin
 
     if not torch.cuda.is_available():
         return {"skipped": "no GPU"}

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 from conftest import BLOCK_REHEAD, logits, read_json
-from safetensors.torch import load_file, save_file
-
-import rehead  # noqa: F401
 from rehead.convert import convert
 from rehead.convert.dha import allocate
 from rehead.convert.dha_fusion import LayerFusion, agglomerate, augmented
-from rehead.errors import ReheadError
+from safetensors.torch import load_file, save_file
+
+import rehead  # noqa: F401
 from rehead.describe import describe
+from rehead.errors import ReheadError
 from rehead.layouts.configuration_dha import DHAConfig
 from rehead.layouts.modeling_dha import DHAForCausalLM
 

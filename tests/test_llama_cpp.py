@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_json
+from rehead.convert import convert
 
 from rehead import metrics, models, text
-from rehead.convert import convert
 
 pytestmark = pytest.mark.real
 llama_cpp = pytest.importorskip(

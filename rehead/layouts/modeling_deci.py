@@ -12,12 +12,7 @@ This file travels inside converted checkpoints: it imports only torch and transf
 import copy
 
 from transformers import GenerationMixin
-from transformers.models.llama.modeling_llama import (
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaModel,
-    LlamaPreTrainedModel,
-)
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
 from .configuration_deci import DeciLMConfig
 from .modeling_stack import init_causal_lm, init_stack

@@ -26,7 +26,6 @@ from .configuration_dha import DHAConfig
 from .modeling_cache import LayoutCacheMixin
 from .modeling_stack import attend, init_causal_lm, init_stack, project
 
-
 # Up to this many query tokens per step (decoding), a layer whose K and V are not plain grouped-query
 # attention attends against the fused heads themselves (`fused_attention`); above it (prefill,
 # training), K and V are gathered up to every query head for the attention kernel, which is then
