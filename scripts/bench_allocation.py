@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rehead import builtin, text
 from rehead.convert.dha import PROBE_SEQUENCES, DHAOptions, DHARewriter
 from rehead.convert.dha_fusion import agglomerate
 from rehead.convert.engine import Calibration, LayerInput
 from rehead.convert.sensitivity import attention_fisher
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from rehead import builtin, text
 
 
 def ranks(values: list[float]) -> torch.Tensor:

@@ -10,9 +10,8 @@ def conversions(source: str, work: Path, layouts=("moh", "dha", "gda"), **option
         folder = Path(work) / f"{Path(source).name}-{layout}"
         if not (folder / "config.json").is_file():
             # imported only when a conversion is missing (gpu_check's decode runs where rehead is not installed)
-            from rehead.convert import convert
-
             from rehead.app.pipeline import presets
+            from rehead.convert import convert
 
             convert(str(source), folder, **presets()[layout], **options)
         out[layout] = str(folder)

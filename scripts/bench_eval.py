@@ -17,9 +17,9 @@ from pathlib import Path
 def direct(candidate: str, limit, bootstrap_iters: int) -> float:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from rehead.eval import harness, offline
 
     from rehead import models
+    from rehead.eval import harness, offline
 
     started = time.perf_counter()
     model, tokenizer, _ = models.load(candidate)

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from rehead.convert import convert
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rehead import builtin, metrics, text
+from rehead.convert import convert
 from rehead.describe import describe
 
 

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from rehead.convert import convert
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rehead import builtin, metrics, text
 from rehead.app.pipeline import presets
+from rehead.convert import convert
 from rehead.provenance import Provenance
 
 VARIANTS = {

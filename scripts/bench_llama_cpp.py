@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import platform
 import re
@@ -31,12 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when llama.cpp's OpenMP runtime loads
 sys.path.insert(0, str(Path(__file__).parent))
 from llama_cpp_gguf import llama_cpp_tree, to_gguf  # noqa: E402
+from llama_cpp_gguf import perplexity as llama_cpp_perplexity  # noqa: E402
 
 KV_LINE = re.compile(r"K \((\w+)\):\s+([\d.]+) MiB, V \((\w+)\):\s+([\d.]+) MiB")
 
@@ -55,15 +54,10 @@ def open_model(path: Path, n_ctx: int, flash_attn: bool, threads: int, **kwargs)
 
 def perplexity(path: Path, blocks: torch.Tensor, threads: int) -> float:
     llm, _ = open_model(path, blocks.shape[1], True, threads, logits_all=True)
-    total, count = 0.0, 0
-    for block in blocks.tolist():
-        llm.reset()
-        llm.eval(block)
-        scores = torch.from_numpy(np.array(llm.scores[: len(block) - 1], dtype=np.float32))
-        total += torch.nn.functional.cross_entropy(scores, torch.tensor(block[1:]), reduction="sum").item()
-        count += len(block) - 1
-    llm.close()
-    return math.exp(total / count)
+    try:
+        return llama_cpp_perplexity(llm, blocks)
+    finally:
+        llm.close()
 
 
 def decode_speed(path: Path, ids: list[int], context: int, new: int, threads: int) -> float:

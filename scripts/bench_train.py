@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from bench_common import conversions
+
     from rehead.tune import load, tune
 
     work = Path(args.work)

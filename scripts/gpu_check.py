@@ -120,6 +120,7 @@ def train_throughput(models: dict[str, str], shape: str, work: Path, steps: int,
     import statistics
 
     import torch
+
     from rehead.tune import load, tune
 
     rows = []
@@ -162,10 +163,10 @@ def decode(models: dict[str, str], shape: str, work: Path, batch: int, context: 
 
 def recovery(work: Path, steps: int) -> dict:
     import torch
-    from rehead.convert import convert
-    from rehead.tune import load, tune
 
     from rehead import builtin
+    from rehead.convert import convert
+    from rehead.tune import load, tune
 
     if not torch.cuda.is_available():
         return {"skipped": "no GPU"}

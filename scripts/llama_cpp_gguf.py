@@ -96,6 +96,24 @@ def to_gguf(checkpoint: Path, out: Path, outtype: str = "f32", tree: Path | None
     return Path(out)
 
 
+def perplexity(llm, blocks) -> float:
+    """The perplexity a loaded llama_cpp.Llama (logits_all=True) gives exactly these token ids, (n, L), each
+    block scored on its own."""
+    import math
+
+    import numpy as np
+    import torch
+
+    total, count = 0.0, 0
+    for block in blocks.tolist():
+        llm.reset()
+        llm.eval(block)
+        scores = torch.from_numpy(np.array(llm.scores[: len(block) - 1], dtype=np.float32))
+        total += torch.nn.functional.cross_entropy(scores, torch.tensor(block[1:]), reduction="sum").item()
+        count += len(block) - 1
+    return math.exp(total / count)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")

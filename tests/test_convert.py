@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 from conftest import VARIANTS, logits, read_json, save_pickled
-from rehead.convert import convert
-from rehead.convert.moh import choose_shared, dropped_energy
-from rehead.convert.options import head_count
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from rehead.app.cli import main
 from rehead.checkpoint import sha256_file
+from rehead.convert import convert
+from rehead.convert.moh import choose_shared, dropped_energy
+from rehead.convert.options import head_count
 from rehead.errors import ReheadError
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

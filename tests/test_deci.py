@@ -9,8 +9,6 @@ import re
 import pytest
 import torch
 from conftest import load_without_rehead, logits, read_json
-from rehead.convert import convert
-from rehead.convert.deci import allocate_shared, ffn_mult_for
 from safetensors.torch import load_file, save_file
 from test_dha import IDS, shuffled_repeats
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -18,6 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import rehead  # noqa: F401  (registers the layouts)
 from rehead import text
 from rehead.app.cli import main
+from rehead.convert import convert
+from rehead.convert.deci import allocate_shared, ffn_mult_for
 from rehead.describe import describe
 from rehead.errors import ReheadError
 from rehead.heads import repeat_heads
@@ -241,8 +241,9 @@ def test_export_loads_without_rehead(tiny, tmp_path):
 
 
 def test_tuning_an_export_keeps_the_format(tiny, tmp_path, calib_file):
-    from rehead.tune import tune
     from test_tune import recipe, weights
+
+    from rehead.tune import tune
 
     src = tiny("gqa", intermediate_size=FFN)
     deci = convert(src, tmp_path / "deci", to="dha", kv_budget=1.0, export="deci")

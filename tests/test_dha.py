@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 from conftest import BLOCK_REHEAD, logits, read_json
-from rehead.convert import convert
-from rehead.convert.dha import allocate
-from rehead.convert.dha_fusion import LayerFusion, agglomerate, augmented
 from safetensors.torch import load_file, save_file
 
 import rehead  # noqa: F401
+from rehead.convert import convert
+from rehead.convert.dha import allocate
+from rehead.convert.dha_fusion import LayerFusion, agglomerate, augmented
 from rehead.describe import describe
 from rehead.errors import ReheadError
 from rehead.layouts.configuration_dha import DHAConfig

@@ -8,12 +8,11 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from rehead.eval import evaluate, harness, offline  # noqa: E402
-from rehead.eval.report import compare  # noqa: E402
-
 from rehead import text  # noqa: E402
 from rehead.app.cli import main  # noqa: E402
 from rehead.errors import ReheadError  # noqa: E402
+from rehead.eval import evaluate, harness, offline  # noqa: E402
+from rehead.eval.report import compare  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 from conftest import logits, read_json
-from rehead.convert import convert
 from safetensors.torch import load_file, save_file
 
 import rehead  # noqa: F401
 import rehead.layouts.modeling_stack as modeling_stack
+from rehead.convert import convert
 from rehead.describe import describe
 from rehead.errors import ReheadError
 from rehead.layouts.configuration_gda import GDAConfig

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from conftest import logits, read_json
-from rehead.convert import convert
-from rehead.convert.gda import grow_signal_heads, uneven_shares
 from safetensors.torch import load_file, save_file
 from test_convert import run_cli
 from transformers import AutoModelForCausalLM
 
+from rehead.convert import convert
+from rehead.convert.gda import grow_signal_heads, uneven_shares
 from rehead.errors import ReheadError
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

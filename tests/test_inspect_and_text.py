@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from conftest import byte_tokenizer
-from rehead.convert import convert
 
 from rehead import text
 from rehead.app.cli import main
+from rehead.convert import convert
 from rehead.describe import describe
 from rehead.errors import ReheadError
 

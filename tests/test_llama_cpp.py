@@ -5,25 +5,23 @@ source); the GGUF converter is the one vendored in the sdist of the installed ve
 scripts/llama_cpp_gguf.py; $REHEAD_LLAMA_CPP names another llama.cpp tree).
 """
 
-import math
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from conftest import read_json
-from rehead.convert import convert
 
 from rehead import metrics, models, text
+from rehead.convert import convert
 
 pytestmark = pytest.mark.real
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python: it builds llama.cpp from "
                         "source, about 25 minutes on 2 cores)")
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from llama_cpp_gguf import llama_cpp_tree, to_gguf  # noqa: E402  (scripts/ is not a package)
+from llama_cpp_gguf import llama_cpp_tree, perplexity, to_gguf  # noqa: E402  (scripts/ is not a package)
 
 TOKENS, SEQ_LEN = 1024, 512
 
@@ -40,15 +38,10 @@ def llama_cpp_perplexity(path: Path, blocks: torch.Tensor, flash_attn: bool) -> 
     """llama.cpp's perplexity on exactly these token ids, every block scored on its own."""
     llm = llama_cpp.Llama(str(path), n_ctx=SEQ_LEN, n_batch=SEQ_LEN, logits_all=True, flash_attn=flash_attn,
                           n_threads=2, verbose=False)
-    total, count = 0.0, 0
-    for block in blocks.tolist():
-        llm.reset()
-        llm.eval(block)
-        scores = torch.from_numpy(np.array(llm.scores[: len(block) - 1], dtype=np.float32))
-        total += torch.nn.functional.cross_entropy(scores, torch.tensor(block[1:]), reduction="sum").item()
-        count += len(block) - 1
-    llm.close()
-    return math.exp(total / count)
+    try:
+        return perplexity(llm, blocks)
+    finally:
+        llm.close()
 
 
 def test_deci_export_runs_in_llama_cpp_with_its_per_layer_kv_heads(smollm2, tmp_path, tree):

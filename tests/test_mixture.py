@@ -3,11 +3,11 @@
 import pytest
 import torch
 from conftest import byte_tokenizer
-from rehead.tune import load, tune
-from rehead.tune.data import PackedBlocks, StreamedBlocks, mixture, pack_mixture
 
 from rehead.errors import ReheadError
 from rehead.provenance import Provenance
+from rehead.tune import load, tune
+from rehead.tune.data import PackedBlocks, StreamedBlocks, mixture, pack_mixture
 
 BASE = {"model": "m", "output_dir": "o", "train.max_steps": 3}
 

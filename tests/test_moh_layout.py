@@ -254,8 +254,8 @@ def test_config_round_trips(tmp_path):
 
 def test_conversion_records_the_gate_gradient(tiny, tmp_path):
     from conftest import read_json
-    from rehead.convert import convert
 
+    from rehead.convert import convert
     from rehead.errors import ReheadError
 
     out = convert(tiny("gqa"), tmp_path / "moh", to="moh", active_heads=4, shared_heads=2, shared="first",

@@ -11,9 +11,8 @@ from rehead.errors import ReheadError  # noqa: E402
 
 
 def test_the_pipeline_runs_every_stage_for_every_layout(tiny, tmp_path, monkeypatch):
-    from rehead.eval import harness
-
     from rehead import text
+    from rehead.eval import harness
 
     monkeypatch.setattr("rehead.sampled.cache_dir", lambda: tmp_path / "cache")  # the samples of this tiny source
     monkeypatch.setattr(harness.ResultCache, "__init__",

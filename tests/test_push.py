@@ -6,9 +6,9 @@ import json
 import pytest
 import yaml
 from hub_server import FakeHub
-from rehead.convert import convert
 
 from rehead.app.cli import main
+from rehead.convert import convert
 from rehead.errors import ReheadError
 from rehead.hub import card, files_to_upload, push
 

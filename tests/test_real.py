@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from rehead.convert import convert
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rehead import builtin, metrics, text
+from rehead.convert import convert
 from rehead.describe import describe
 
 pytestmark = pytest.mark.real

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import load_without_rehead, logits
+
 from rehead.convert import convert
 
 LAYOUTS = {

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import byte_tokenizer, read_json
-from rehead.convert import convert
 
 from rehead import text
+from rehead.convert import convert
 from rehead.errors import ReheadError
 from rehead.sampled import Sampler
 

@@ -2,9 +2,10 @@
 
 import torch
 from conftest import read_json
+from transformers import AutoModelForCausalLM
+
 from rehead.convert import convert
 from rehead.convert.sensitivity import LOGIT_CHUNK, attention_fisher
-from transformers import AutoModelForCausalLM
 
 
 def test_the_streamed_fisher_is_the_full_models_gradient_squared(tiny):

@@ -4,7 +4,6 @@ import inspect
 
 import pytest
 import torch
-from rehead.convert import convert
 from test_dha import MAPS, dha_model, reference_logits
 from test_gda import gda_model
 from test_moh_layout import moh_model
@@ -12,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rehead.layouts.modeling_dha as modeling_dha
 from rehead import text
+from rehead.convert import convert
 from rehead.layouts.modeling_cache import LayoutStaticCache
 from rehead.layouts.modeling_dha import DHAAttention
 

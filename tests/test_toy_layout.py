@@ -9,12 +9,12 @@ from typing import Literal
 import pytest
 import torch
 from conftest import load_without_rehead, logits, read_json
-from rehead.convert import ConvertOptions, convert
-from rehead.convert.engine import LayerInput, Rewriter, build_layer, llama_values
 
 from rehead import convert as convert_stage
 from rehead import layouts
 from rehead.app.cli import main
+from rehead.convert import ConvertOptions, convert
+from rehead.convert.engine import LayerInput, Rewriter, build_layer, llama_values
 from rehead.describe import describe
 
 CONFIGURATION = '''

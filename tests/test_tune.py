@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import byte_tokenizer, load_without_rehead, read_json
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
 from rehead.convert import convert
+from rehead.errors import ReheadError
 from rehead.tune import load, tune
 from rehead.tune.data import PackedBlocks, StreamedBlocks, pack
 from rehead.tune.loop import lr_factor
 from rehead.tune.losses import Objective
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
-
-from rehead.errors import ReheadError
 
 ROOT = Path(__file__).resolve().parents[1]
 
