@@ -7,7 +7,9 @@ scaled by a learnable λ_i, from every signal head of the group:
     out_i = (A1_i − λ_i · A2_n(i)) · V_i
 
 The noise map is computed once per noise head: its value is the concatenation of the distinct
-V heads of its group. λ starts at exactly 0, where the layer is the source's attention.
+V heads of its group. Decoding (`decode_attention`) forms A1_i − λ_i·A2_n(i) before the maps meet
+V, so a step reads each cached head once. λ starts at exactly 0, where the layer is the source's
+attention.
 
 This file travels inside converted checkpoints: it imports only torch and transformers.
 """
@@ -27,7 +29,12 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_gda import GDAConfig
 from .modeling_cache import LayoutCacheMixin
-from .modeling_stack import attend, init_causal_lm, init_stack, project
+from .modeling_stack import attend, init_causal_lm, init_stack, project, softmax_weights
+
+# Up to this many query tokens per step (decoding), `decode_attention` combines the signal and noise
+# maps before they meet V; above it (prefill, training), both maps go through the attention kernel.
+# Measured on CPU-2: `python scripts/bench_decode.py --kernels` and `--paths` (BENCHMARKS.md).
+DECODE_QUERY_TOKENS = 16
 
 
 class NoiseAttention(nn.Module):
@@ -60,6 +67,8 @@ class GDAAttention(LlamaAttention):
         self.noise_values = [sorted({kv_of[i] for i in range(n * ratio, (n + 1) * ratio)}) for n in range(noise)]
         width = len(self.noise_values[0])
         self.noise_slot = [(i // ratio) * width + self.noise_values[i // ratio].index(kv_of[i]) for i in range(heads)]
+        # noise groups that read the KV heads in their own order take V as it is (no copy of the cached V)
+        self.values_in_order = [j for values in self.noise_values for j in values] == list(range(kv))
         self._index = {}
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +78,28 @@ class GDAAttention(LlamaAttention):
                 torch.tensor(self.noise_slot, dtype=torch.long, device=device),
             )
         return self._index[device]
+
+    def decode_attention(self, query, keys, values, noise_query, attention_mask):
+        """out_i = (A1_i − λ_i·A2_n(i))·V_i with the maps combined first: each cached head is read once.
+
+        query (B, H, T, d); keys (B, KV + N, S, d), the cache's signal keys then noise keys; values
+        (B, KV, S, d); noise_query (B, N, T, d). One product scores every key head: the signal queries
+        packed per KV head, each noise query padded with zero rows to the same height, so the cache's
+        key tensor is read as it is (a slice of it would be copied on every step). Returns (B, T, H, d)
+        and, with eager attention, the signal maps A1 (as the kernel path does).
+        """
+        batch, heads, length, dim = query.shape
+        kv, noise, span = values.shape[1], noise_query.shape[1], keys.shape[2]
+        rows = heads // kv * length
+        noise_rows = torch.cat([noise_query, noise_query.new_zeros(batch, noise, rows - length, dim)], 2)
+        packed = torch.cat([query.reshape(batch, kv, rows, dim), noise_rows], 1) * self.scaling
+        scores = torch.matmul(packed, keys.transpose(2, 3))  # (B, KV + N, rows, S)
+        signal = softmax_weights(scores[:, :kv].view(batch, heads, length, span), attention_mask, query.dtype)
+        noise_map = softmax_weights(scores[:, kv:, :length], attention_mask, query.dtype)
+        lam = self.diff_lambda.to(query.dtype).view(1, noise, -1, 1, 1)  # signal heads of a noise group
+        combined = signal.view(batch, noise, -1, length, span) - lam * noise_map.unsqueeze(2)
+        output = torch.matmul(combined.view(batch, kv, rows, span), values).view(batch, heads, length, dim)
+        return output.transpose(1, 2), signal if self.config._attn_implementation == "eager" else None
 
     def forward(
         self,
@@ -84,17 +115,25 @@ class GDAAttention(LlamaAttention):
         query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
         noise_query, noise_key = project(self.noise, hidden_states, position_embeddings, values=False)
         kv = key_states.shape[1]
+        keys = torch.cat([key_states, noise_key], 1)
         if cache is not None:  # noise keys are cached beside the signal keys; values are shared
-            keys, value_states = cache.update(torch.cat([key_states, noise_key], 1), value_states, self.layer_idx)
+            keys, value_states = cache.update(keys, value_states, self.layer_idx)
+        if (query_states.shape[2] <= DECODE_QUERY_TOKENS and not self.training
+                and self.config._attn_implementation in ("eager", "sdpa")):
+            attn_output, attn_weights = self.decode_attention(query_states, keys, value_states, noise_query,
+                                                              attention_mask)
+        else:
             key_states, noise_key = keys[:, :kv], keys[:, kv:]
-        signal, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask, **kwargs)
-        values, slots = self._indices(value_states.device)
-        batch, _, length, dim = value_states.shape
-        noise_values = value_states.index_select(1, values).view(batch, len(self.noise_values), -1, length, dim)
-        noise_values = noise_values.permute(0, 1, 3, 2, 4).flatten(3)  # (B, noise, S, width·d): one map, all Vs
-        noise, _ = attend(self, self.noise, noise_query, noise_key, noise_values, attention_mask, **kwargs)
-        noise = noise.reshape(*input_shape, -1, self.head_dim).index_select(2, slots)  # (B, T, H, d)
-        attn_output = signal - self.diff_lambda.view(1, 1, -1, 1).to(signal.dtype) * noise
+            signal, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask,
+                                          **kwargs)
+            values, slots = self._indices(value_states.device)
+            batch, _, length, dim = value_states.shape
+            noise_values = value_states if self.values_in_order else value_states.index_select(1, values)
+            noise_values = noise_values.view(batch, len(self.noise_values), -1, length, dim)
+            noise_values = noise_values.permute(0, 1, 3, 2, 4).flatten(3)  # (B, noise, S, width·d): one map, all Vs
+            noise, _ = attend(self, self.noise, noise_query, noise_key, noise_values, attention_mask, **kwargs)
+            noise = noise.reshape(*input_shape, -1, self.head_dim).index_select(2, slots)  # (B, T, H, d)
+            attn_output = signal - self.diff_lambda.view(1, 1, -1, 1).to(signal.dtype) * noise
         if self.config.gda_subln:
             attn_output = (1 - self.config.gda_lambda_init) * self.subln(attn_output)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
