@@ -2,7 +2,8 @@
 
     python scripts/bench_decode.py                  # smollm2-135m + MoH, DHA, GDA; batch 4, contexts 256 and 2048, fp32
     python scripts/bench_decode.py --paths          # each layout's decode path against its dense path, same model
-    python scripts/bench_decode.py --kernels        # DHA attention alone: fused against gathered, by query length
+    python scripts/bench_decode.py --kernels        # one DHA and one GDA layer, decode path on and off, by query length
+    python scripts/bench_decode.py --compile --context 2048   # the decode step torch.compile'd (minutes per model)
     python scripts/bench_decode.py --device cuda --dtype bf16 --batch 32 --context 2048   # GPU
 
 Every model decodes with the cache `generate(cache_implementation="static")` builds for it
@@ -80,6 +81,7 @@ class Decoder:
             self.cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
         self.kv_per_token = kv_bytes_per_token(self.cache, batch)
         self.seconds = []
+        self.forward = model.forward
 
     def step(self, i: int, device: str) -> None:
         batch = self.tokens.shape[0]
@@ -87,17 +89,22 @@ class Decoder:
         sync(device)
         started = time.perf_counter()
         with torch.no_grad(), switched(self.switch):
-            self.model(self.tokens[:, i : i + 1], position_ids=position, use_cache=True,
-                       **{cache_arg(self.model): self.cache})
+            self.forward(self.tokens[:, i : i + 1], position_ids=position, use_cache=True,
+                         **{cache_arg(self.model): self.cache})
         sync(device)
         self.seconds.append(time.perf_counter() - started)
 
 
-def run(entries, prompt, tokens, device: str) -> list[dict]:
-    """Times ``entries`` [(name, model, switch)] interleaved; one row per entry."""
+def run(entries, prompt, tokens, device: str, compile: bool = False) -> list[dict]:
+    """Times ``entries`` [(name, model, switch)] interleaved; one row per entry. With ``compile``, the
+    decode step is torch.compile'd in one graph (the prefill is not), and the first step compiles it."""
     decoders = [Decoder(name, model, prompt, tokens, switch) for name, model, switch in entries]
     for decoder in decoders:
+        if compile:
+            decoder.forward = torch.compile(decoder.model.forward, fullgraph=True)
+        started = time.perf_counter()
         decoder.step(0, device)  # warm-up
+        decoder.first_step = time.perf_counter() - started
     for i in range(1, tokens.shape[1]):
         for decoder in decoders:
             decoder.step(i, device)
@@ -106,6 +113,7 @@ def run(entries, prompt, tokens, device: str) -> list[dict]:
     for d in decoders:
         steps = d.seconds[1:]
         rows.append({"model": d.name, "cache": type(d.cache).__name__, "batch": batch, "context": context,
+                     "compiled": compile, "first_step_s": d.first_step,
                      "decode_tokens_per_s": batch / statistics.median(steps), "best_tokens_per_s": batch / min(steps),
                      "kv_bytes": d.kv_per_token * batch * context, "kv_bytes_per_token": d.kv_per_token})
     return rows
@@ -189,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--text", default="shakespeare-heldout", help="prompt text (a text spec)")
     parser.add_argument("--paths", action="store_true", help="time each layout's decode path against its dense path")
     parser.add_argument("--kernels", action="store_true", help="time one DHA and one GDA layer by query length")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model's decode step")
     parser.add_argument("--threads", type=int, help="torch threads (on a shared CPU, 1 keeps a descheduled thread "
                         "from stalling the other at every parallel op)")
     parser.add_argument("--json")
@@ -225,8 +234,10 @@ def main(argv=None) -> int:
             ids = text.token_ids(tokenizer, args.text, context + batch * (args.new + 1)).to(args.device)
             prompt, tokens = ids[None, :context], ids[context:].view(batch, args.new + 1)
             started = time.perf_counter()
-            block = run(entries, prompt, tokens, args.device)
-            print(f"\nbatch {batch}, context {context} ({time.perf_counter() - started:.0f} s)\n{table(block)}")
+            block = run(entries, prompt, tokens, args.device, args.compile)
+            compiled = ", compiled (first steps " + ", ".join(f"{r['first_step_s']:.0f}" for r in block) + " s)"
+            print(f"\nbatch {batch}, context {context}{compiled if args.compile else ''} "
+                  f"({time.perf_counter() - started:.0f} s)\n{table(block)}")
             rows += block
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

@@ -135,7 +135,8 @@ def test_decoding_reads_only_the_fused_heads(monkeypatch):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("shape", [(6, 2, 2), (6, 6, 2), (6, 3, 1), (6, 2, 6)], ids=["in-kv", "mha-span", "one", "per-head"])
+@pytest.mark.parametrize("shape", [(6, 2, 2), (6, 6, 2), (6, 3, 1), (6, 2, 6)],
+                         ids=["in-kv", "mha-span", "one", "per-head"])
 @pytest.mark.parametrize("decode_up_to", [0, 64], ids=["kernels", "combined"])
 def test_both_gda_paths_match_the_formula(monkeypatch, attn, shape, decode_up_to):
     monkeypatch.setattr(modeling_gda, "DECODE_QUERY_TOKENS", decode_up_to)

@@ -47,7 +47,8 @@ def fused_slots(key_of_query: list[int], value_of_query: list[int]) -> tuple[lis
 
     query_of_key_slot, key_slot = groups(key_of_query)
     query_of_value_slot, value_slot = groups(value_of_query)
-    return query_of_key_slot, [key_slot[i] for i in query_of_value_slot], [value_slot[i] for i in range(len(key_of_query))]
+    key_slot_of_value_slot = [key_slot[i] for i in query_of_value_slot]
+    return query_of_key_slot, key_slot_of_value_slot, [value_slot[i] for i in range(len(key_of_query))]
 
 
 class DHAAttention(LlamaAttention):
