@@ -2,7 +2,8 @@
 
     python scripts/bench_decode.py                  # smollm2-135m + MoH, DHA, GDA; batch 4, contexts 256 and 2048, fp32
     python scripts/bench_decode.py --paths          # each layout's decode path against its dense path, same model
-    python scripts/bench_decode.py --kernels        # DHA attention alone: fused against gathered, by query length
+    python scripts/bench_decode.py --kernels        # one DHA and one GDA layer, decode path on and off, by query length
+    python scripts/bench_decode.py --compile --context 2048   # the decode step torch.compile'd (minutes per model)
     python scripts/bench_decode.py --device cuda --dtype bf16 --batch 32 --context 2048   # GPU
 
 Every model decodes with the cache `generate(cache_implementation="static")` builds for it
@@ -31,6 +32,7 @@ import torch
 
 SWITCHES = {  # --paths: the module constant that turns a layout's decode path off, and its "off" value
     "dha": ("rehead.layouts.modeling_dha", "FUSED_QUERY_TOKENS", 0),
+    "gda": ("rehead.layouts.modeling_gda", "DECODE_QUERY_TOKENS", 0),
 }
 
 
@@ -79,6 +81,7 @@ class Decoder:
             self.cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
         self.kv_per_token = kv_bytes_per_token(self.cache, batch)
         self.seconds = []
+        self.forward = model.forward
 
     def step(self, i: int, device: str) -> None:
         batch = self.tokens.shape[0]
@@ -86,17 +89,22 @@ class Decoder:
         sync(device)
         started = time.perf_counter()
         with torch.no_grad(), switched(self.switch):
-            self.model(self.tokens[:, i : i + 1], position_ids=position, use_cache=True,
-                       **{cache_arg(self.model): self.cache})
+            self.forward(self.tokens[:, i : i + 1], position_ids=position, use_cache=True,
+                         **{cache_arg(self.model): self.cache})
         sync(device)
         self.seconds.append(time.perf_counter() - started)
 
 
-def run(entries, prompt, tokens, device: str) -> list[dict]:
-    """Times ``entries`` [(name, model, switch)] interleaved; one row per entry."""
+def run(entries, prompt, tokens, device: str, compile: bool = False) -> list[dict]:
+    """Times ``entries`` [(name, model, switch)] interleaved; one row per entry. With ``compile``, the
+    decode step is torch.compile'd in one graph (the prefill is not), and the first step compiles it."""
     decoders = [Decoder(name, model, prompt, tokens, switch) for name, model, switch in entries]
     for decoder in decoders:
+        if compile:
+            decoder.forward = torch.compile(decoder.model.forward, fullgraph=True)
+        started = time.perf_counter()
         decoder.step(0, device)  # warm-up
+        decoder.first_step = time.perf_counter() - started
     for i in range(1, tokens.shape[1]):
         for decoder in decoders:
             decoder.step(i, device)
@@ -105,6 +113,7 @@ def run(entries, prompt, tokens, device: str) -> list[dict]:
     for d in decoders:
         steps = d.seconds[1:]
         rows.append({"model": d.name, "cache": type(d.cache).__name__, "batch": batch, "context": context,
+                     "compiled": compile, "first_step_s": d.first_step,
                      "decode_tokens_per_s": batch / statistics.median(steps), "best_tokens_per_s": batch / min(steps),
                      "kv_bytes": d.kv_per_token * batch * context, "kv_bytes_per_token": d.kv_per_token})
     return rows
@@ -123,43 +132,56 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def kernels(device: str, batch: int, repeat: int = 30) -> None:
-    """DHA's attention alone, fused against gathered, at the SmolLM2 shape (9 query heads of 64) and a
-    2048-token cache, for query lengths 1..64: where FUSED_QUERY_TOKENS comes from."""
-    from rehead.layouts.configuration_dha import DHAConfig
-    from rehead.layouts.modeling_dha import DHAAttention
-    from rehead.layouts.modeling_stack import attend
+def kernels(device: str, batch: int, span: int = 2048, repeat: int = 20) -> None:
+    """One attention layer at the SmolLM2 shape (576 wide, 9 query heads of 64) after ``span`` cached
+    tokens, forward for 1..64 query tokens, with its decode path forced on and off: where the thresholds
+    (FUSED_QUERY_TOKENS, DECODE_QUERY_TOKENS) come from. Best of ``repeat``, interleaved."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = DHAConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=1,
-                       key_heads_per_layer=[2], value_heads_per_layer=[1],
-                       key_head_of_query=[[0, 0, 0, 1, 1, 1, 0, 0, 0]], value_head_of_query=[[0] * 9])
-    config._attn_implementation = "sdpa"
-    attention = DHAAttention(config, 0).to(device).eval()
-    span = 2048
-    print(f"DHA attention, 9 query heads, 2 key heads, 1 value head, batch {batch}, {span} cached tokens "
-          f"(best of {repeat}, interleaved)")
-    print(f"{'query tokens':>12} {'fused ms':>9} {'gathered ms':>12}")
+    from rehead.layouts.configuration_dha import DHAConfig
+    from rehead.layouts.configuration_gda import GDAConfig
+    from rehead.layouts.modeling_cache import LayoutStaticCache
+    from rehead.layouts.modeling_dha import DHAAttention
+    from rehead.layouts.modeling_gda import GDAAttention
+
+    shape = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=1, head_dim=64)
+    layers = {  # a DHA layer of the smollm2-135m plan (3 key heads, 1 value head); GDA with 3 noise heads
+        "dha": (DHAAttention(DHAConfig(**shape, key_heads_per_layer=[3], value_heads_per_layer=[1],
+                                       key_head_of_query=[[i // 3 for i in range(9)]],
+                                       value_head_of_query=[[0] * 9]), 0), SWITCHES["dha"]),
+        "gda": (GDAAttention(GDAConfig(**shape, gda_noise_heads=3), 0), SWITCHES["gda"]),
+    }
+    print(f"one attention layer, batch {batch}, {span} cached tokens: ms per forward (best of {repeat})")
+    print(f"{'query tokens':>12} " + " ".join(f"{name + ' ' + path:>14}" for name in layers
+                                               for path in ("decode path", "kernel")))
     for length in (1, 2, 4, 8, 16, 32, 64):
-        q = torch.randn(batch, 9, length, 64, device=device)
-        k, v = torch.randn(batch, 2, span, 64, device=device), torch.randn(batch, 1, span, 64, device=device)
-        mask = torch.ones(length, span, dtype=torch.bool, device=device).tril(span - length)[None, None]
-        mask = mask.expand(batch, 1, length, span)
-        key_of_query, value_of_query = attention._maps(q.device)[:2]
-        paths = {
-            "fused": lambda: attention.fused_attention(q, k, v, mask),
-            "gathered": lambda: attend(attention, attention, q, k.index_select(1, key_of_query),
-                                       v.index_select(1, value_of_query), mask),
-        }
-        best = {name: float("inf") for name in paths}
-        with torch.no_grad():
-            for _ in range(repeat):
-                for name, path in paths.items():
-                    sync(device)
-                    started = time.perf_counter()
-                    path()
-                    sync(device)
-                    best[name] = min(best[name], time.perf_counter() - started)
-        print(f"{length:>12} {best['fused'] * 1e3:>9.3f} {best['gathered'] * 1e3:>12.3f}")
+        best = []
+        for attention, switch in layers.values():
+            attention.config._attn_implementation = "sdpa"
+            attention.to(device).eval()
+            cache = LayoutStaticCache([(*attention.cache_heads, 64)], span + length)
+            keys, values = attention.cache_heads
+            cache.update(torch.randn(batch, keys, span, 64, device=device),
+                         torch.randn(batch, values, span, 64, device=device), 0)
+            hidden = torch.randn(batch, length, 576, device=device)
+            rotary = LlamaRotaryEmbedding(config=attention.config).to(device)
+            positions = torch.arange(span, span + length, device=device)[None].expand(batch, -1)
+            embeddings = rotary(hidden, positions)
+            mask = torch.ones(length, span + length, dtype=torch.bool, device=device).tril(span)[None, None]
+            forced = {"on": (*switch[:2], 1 << 30), "off": switch}
+            times = {key: float("inf") for key in forced}
+            with torch.no_grad():
+                for _ in range(repeat):
+                    for key in times:
+                        with switched(forced[key]):
+                            sync(device)
+                            started = time.perf_counter()
+                            attention(hidden, embeddings, mask.expand(batch, 1, -1, -1), cache=cache)
+                            sync(device)
+                        times[key] = min(times[key], time.perf_counter() - started)
+                        cache.layers[0].cumulative_length.fill_(span)
+            best += [times["on"], times["off"]]
+        print(f"{length:>12} " + " ".join(f"{t * 1e3:>14.3f}" for t in best))
 
 
 def main(argv=None) -> int:
@@ -174,7 +196,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new", type=int, default=16, help="decode steps timed per model (after one warm-up)")
     parser.add_argument("--text", default="shakespeare-heldout", help="prompt text (a text spec)")
     parser.add_argument("--paths", action="store_true", help="time each layout's decode path against its dense path")
-    parser.add_argument("--kernels", action="store_true", help="time DHA's attention alone by query length")
+    parser.add_argument("--kernels", action="store_true", help="time one DHA and one GDA layer by query length")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model's decode step")
     parser.add_argument("--threads", type=int, help="torch threads (on a shared CPU, 1 keeps a descheduled thread "
                         "from stalling the other at every parallel op)")
     parser.add_argument("--json")
@@ -211,8 +234,10 @@ def main(argv=None) -> int:
             ids = text.token_ids(tokenizer, args.text, context + batch * (args.new + 1)).to(args.device)
             prompt, tokens = ids[None, :context], ids[context:].view(batch, args.new + 1)
             started = time.perf_counter()
-            block = run(entries, prompt, tokens, args.device)
-            print(f"\nbatch {batch}, context {context} ({time.perf_counter() - started:.0f} s)\n{table(block)}")
+            block = run(entries, prompt, tokens, args.device, args.compile)
+            compiled = ", compiled (first steps " + ", ".join(f"{r['first_step_s']:.0f}" for r in block) + " s)"
+            print(f"\nbatch {batch}, context {context}{compiled if args.compile else ''} "
+                  f"({time.perf_counter() - started:.0f} s)\n{table(block)}")
             rows += block
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")

@@ -9,6 +9,7 @@ from conftest import logits, read_json
 from safetensors.torch import load_file, save_file
 
 import rehead  # noqa: F401
+import rehead.layouts.modeling_gda as modeling_gda
 import rehead.layouts.modeling_stack as modeling_stack
 from rehead.convert import convert
 from rehead.describe import describe
@@ -147,6 +148,7 @@ def test_noise_map_is_computed_once_per_noise_head(monkeypatch):
         return original(module, query, key, value, *args, **kwargs)
 
     monkeypatch.setattr(modeling_stack, "eager_attention_forward", counting)
+    monkeypatch.setattr(modeling_gda, "DECODE_QUERY_TOKENS", 0)  # the attention kernels' path
     with torch.no_grad():
         model(torch.randint(0, 50, (1, 5)))
     noise_calls = [c for c in calls if c[0] == "NoiseAttention"]

@@ -1,4 +1,5 @@
-"""Serving in transformers: the static cache of every layout, DHA's decode against the fused heads, compiled decode."""
+"""Serving in transformers: the static cache of every layout, DHA's and GDA's decode paths (each cached
+head read once), compiled decode."""
 
 import inspect
 
@@ -6,14 +7,17 @@ import pytest
 import torch
 from test_dha import MAPS, dha_model, reference_logits
 from test_gda import gda_model
+from test_gda import reference_logits as gda_reference
 from test_moh_layout import moh_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rehead.layouts.modeling_dha as modeling_dha
+import rehead.layouts.modeling_gda as modeling_gda
 from rehead import text
 from rehead.convert import convert
 from rehead.layouts.modeling_cache import LayoutStaticCache
 from rehead.layouts.modeling_dha import DHAAttention
+from rehead.layouts.modeling_gda import GDAAttention
 
 # K and V grouped differently, groups of unequal sizes (4, 1, 1 key heads; 1, 5 value heads)
 UNEVEN = ([0, 0, 1, 0, 2, 0], [0, 1, 1, 1, 1, 1])
@@ -125,6 +129,60 @@ def test_decoding_reads_only_the_fused_heads(monkeypatch):
     model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
     layer0 = [call for call in seen if call[1] == 0]
     assert layer0 == [("kernel", 0, prompt.shape[1], 6, 6)] + [("fused", 0, 1, 3, 2)] * 2
+
+
+# ---- GDA: the maps combined before V ----
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("shape", [(6, 2, 2), (6, 6, 2), (6, 3, 1), (6, 2, 6)],
+                         ids=["in-kv", "mha-span", "one", "per-head"])
+@pytest.mark.parametrize("decode_up_to", [0, 64], ids=["kernels", "combined"])
+def test_both_gda_paths_match_the_formula(monkeypatch, attn, shape, decode_up_to):
+    monkeypatch.setattr(modeling_gda, "DECODE_QUERY_TOKENS", decode_up_to)
+    calls = []
+    combined = GDAAttention.decode_attention
+    monkeypatch.setattr(GDAAttention, "decode_attention", lambda self, *a: calls.append(1) or combined(self, *a))
+    model = gda_model(*shape, subln=True, attn=attn)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        fast = model(ids).logits
+    assert len(calls) == (2 if decode_up_to else 0)
+    for b in range(len(ids)):
+        torch.testing.assert_close(fast[b].double(), gda_reference(model, ids[b]), atol=1e-4, rtol=1e-4)
+
+
+def test_gda_eager_weights_are_the_signal_maps_on_both_paths(monkeypatch):
+    model = gda_model(6, 2, 2, attn="eager")
+    ids = torch.randint(0, 50, (2, 7))
+    weights = {}
+    for decode_up_to in (0, 64):
+        monkeypatch.setattr(modeling_gda, "DECODE_QUERY_TOKENS", decode_up_to)
+        with torch.no_grad():
+            weights[decode_up_to] = model(ids, output_attentions=True).attentions[0]
+    assert weights[0].shape == (2, 6, 7, 7)
+    torch.testing.assert_close(weights[64], weights[0], atol=1e-6, rtol=1e-6)
+
+
+def test_gda_decoding_reads_the_cached_keys_as_they_are(monkeypatch):
+    """A decode step scores the cache's own key tensor (signal and noise keys, no slice or copy of it)
+    and its own value tensor; a prompt longer than DECODE_QUERY_TOKENS goes to the attention kernels."""
+    model = gda_model(6, 2, 2)
+    seen = []
+    combined = GDAAttention.decode_attention
+
+    def spy(self, query, keys, values, noise_query, mask):
+        layer = cache.layers[self.layer_idx]
+        seen.append((query.shape[2], keys.data_ptr() == layer.keys.data_ptr() and keys.shape == layer.keys.shape,
+                     values.data_ptr() == layer.values.data_ptr()))
+        return combined(self, query, keys, values, noise_query, mask)
+
+    monkeypatch.setattr(GDAAttention, "decode_attention", spy)
+    prompt = torch.randint(0, 50, (2, modeling_gda.DECODE_QUERY_TOKENS + 4))
+    cache = model.static_cache(prompt.shape[1] + 3)
+    model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0, **{cache_kwarg(model): cache})
+    assert seen == [(1, True, True)] * 2 * 2  # two decode steps of both layers
+    assert cache.layers[0].keys.shape[1] == 2 + 2
 
 
 # ---- compiled decode ----

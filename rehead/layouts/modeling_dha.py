@@ -24,13 +24,13 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_dha import DHAConfig
 from .modeling_cache import LayoutCacheMixin
-from .modeling_stack import attend, init_causal_lm, init_stack, project
+from .modeling_stack import attend, init_causal_lm, init_stack, project, softmax_weights
 
 # Up to this many query tokens per step (decoding), a layer whose K and V are not plain grouped-query
 # attention attends against the fused heads themselves (`fused_attention`); above it (prefill,
 # training), K and V are gathered up to every query head for the attention kernel, which is then
 # faster. Measured on CPU-2: `python scripts/bench_decode.py --kernels` (BENCHMARKS.md).
-FUSED_QUERY_TOKENS = 8
+FUSED_QUERY_TOKENS = 32
 
 
 def fused_slots(key_of_query: list[int], value_of_query: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -46,7 +46,8 @@ def fused_slots(key_of_query: list[int], value_of_query: list[int]) -> tuple[lis
 
     query_of_key_slot, key_slot = groups(key_of_query)
     query_of_value_slot, value_slot = groups(value_of_query)
-    return query_of_key_slot, [key_slot[i] for i in query_of_value_slot], [value_slot[i] for i in range(len(key_of_query))]
+    key_slot_of_value_slot = [key_slot[i] for i in query_of_value_slot]
+    return query_of_key_slot, key_slot_of_value_slot, [value_slot[i] for i in range(len(key_of_query))]
 
 
 class DHAAttention(LlamaAttention):
@@ -88,15 +89,7 @@ class DHAAttention(LlamaAttention):
         keys, values, span = key.shape[1], value.shape[1], key.shape[2]
         grouped = (query * self.scaling).index_select(1, query_of_key_slot).view(batch, keys, -1, dim)
         scores = torch.matmul(grouped, key.transpose(2, 3)).view(batch, -1, length, span)
-        if attention_mask is None and length > 1:  # sdpa's is_causal: query t sees keys 0..t (a prefill)
-            attention_mask = torch.ones(length, span, dtype=torch.bool, device=query.device).tril()
-        if attention_mask is not None:
-            attention_mask = attention_mask[..., :span]
-            if attention_mask.dtype == torch.bool:  # in place: the scores are this function's own
-                scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
-            else:
-                scores.add_(attention_mask)
-        weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+        weights = softmax_weights(scores, attention_mask, query.dtype)
         by_value = weights.index_select(1, key_slot_of_value_slot).view(batch, values, -1, span)
         output = torch.matmul(by_value, value).view(batch, -1, length, dim).index_select(1, value_slot)
         if self.config._attn_implementation != "eager":

@@ -8,9 +8,10 @@ scaled by a learnable λ_i, from every signal head of the group:
 
 The noise map is computed once per noise head: its value is the concatenation of the distinct
 V heads of its group (kernels that need equal head dims, flash-attention, get one head_dim-wide
-V head per call instead, the noise query and key repeated). λ is a parameter per signal head or
-the DIFF Transformer's per-layer re-parameterisation; either starts at exactly 0 after a
-conversion, where the layer is the source's attention.
+V head per call instead, the noise query and key repeated). Decoding (`decode_attention`) forms
+A1_i − λ_i·A2_n(i) before the maps meet V, so a step reads each cached head once. λ is a parameter
+per signal head or the DIFF Transformer's per-layer re-parameterisation; either starts at exactly 0
+after a conversion, where the layer is the source's attention.
 
 This file travels inside converted checkpoints: it imports only torch and transformers.
 """
@@ -30,7 +31,12 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_gda import GDAConfig
 from .modeling_cache import LayoutCacheMixin
-from .modeling_stack import attend, init_causal_lm, init_stack, project
+from .modeling_stack import attend, init_causal_lm, init_stack, project, softmax_weights
+
+# Up to this many query tokens per step (decoding), `decode_attention` combines the signal and noise
+# maps before they meet V; above it (prefill, training), both maps go through the attention kernel.
+# Measured on CPU-2: `python scripts/bench_decode.py --kernels` and `--paths` (BENCHMARKS.md).
+DECODE_QUERY_TOKENS = 16
 
 
 class NoiseAttention(nn.Module):
@@ -72,6 +78,8 @@ class GDAAttention(LlamaAttention):
         self.noise_values = [sorted({kv_of[i] for i in range(n * ratio, (n + 1) * ratio)}) for n in range(noise)]
         width = len(self.noise_values[0])
         self.noise_slot = [(i // ratio) * width + self.noise_values[i // ratio].index(kv_of[i]) for i in range(heads)]
+        # noise groups that read the KV heads in their own order take V as it is (no copy of the cached V)
+        self.values_in_order = [j for values in self.noise_values for j in values] == list(range(kv))
         self._index = {}
 
     def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +116,28 @@ class GDAAttention(LlamaAttention):
         query, key = query.repeat_interleave(width, 1), key.repeat_interleave(width, 1)
         return attend(self, self.noise, query, key, values, attention_mask, **kwargs)[0]
 
+    def decode_attention(self, query, keys, values, noise_query, attention_mask):
+        """out_i = (A1_i − λ_i·A2_n(i))·V_i with the maps combined first: each cached head is read once.
+
+        query (B, H, T, d); keys (B, KV + N, S, d), the cache's signal keys then noise keys; values
+        (B, KV, S, d); noise_query (B, N, T, d). One product scores every key head: the signal queries
+        packed per KV head, each noise query padded with zero rows to the same height, so the cache's
+        key tensor is read as it is (a slice of it would be copied on every step). Returns (B, T, H, d)
+        and, with eager attention, the signal maps A1 (as the kernel path does).
+        """
+        batch, heads, length, dim = query.shape
+        kv, noise, span = values.shape[1], noise_query.shape[1], keys.shape[2]
+        rows = heads // kv * length
+        noise_rows = torch.cat([noise_query, noise_query.new_zeros(batch, noise, rows - length, dim)], 2)
+        packed = torch.cat([query.reshape(batch, kv, rows, dim), noise_rows], 1) * self.scaling
+        scores = torch.matmul(packed, keys.transpose(2, 3))  # (B, KV + N, rows, S)
+        signal = softmax_weights(scores[:, :kv].view(batch, heads, length, span), attention_mask, query.dtype)
+        noise_map = softmax_weights(scores[:, kv:, :length], attention_mask, query.dtype)
+        lam = self.lambdas().to(query.dtype).reshape(1, noise, -1, 1, 1)  # signal heads of a noise group
+        combined = signal.view(batch, noise, -1, length, span) - lam * noise_map.unsqueeze(2)
+        output = torch.matmul(combined.view(batch, kv, rows, span), values).view(batch, heads, length, dim)
+        return output.transpose(1, 2), signal if self.config._attn_implementation == "eager" else None
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -122,14 +152,22 @@ class GDAAttention(LlamaAttention):
         query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
         noise_query, noise_key = project(self.noise, hidden_states, position_embeddings, values=False)
         kv = key_states.shape[1]
+        keys = torch.cat([key_states, noise_key], 1)
         if cache is not None:  # noise keys are cached beside the signal keys; values are shared
-            keys, value_states = cache.update(torch.cat([key_states, noise_key], 1), value_states, self.layer_idx)
+            keys, value_states = cache.update(keys, value_states, self.layer_idx)
+        if (query_states.shape[2] <= DECODE_QUERY_TOKENS and not self.training
+                and self.config._attn_implementation in ("eager", "sdpa")):
+            attn_output, attn_weights = self.decode_attention(query_states, keys, value_states, noise_query,
+                                                              attention_mask)
+        else:
             key_states, noise_key = keys[:, :kv], keys[:, kv:]
-        signal, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask, **kwargs)
-        values, slots = self._indices(value_states.device)
-        noise = self.noise_attention(noise_query, noise_key, value_states.index_select(1, values), attention_mask,
-                                     **kwargs).index_select(2, slots)  # (B, T, H, d)
-        attn_output = signal - self.lambdas().view(1, 1, -1, 1).to(signal.dtype) * noise
+            signal, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask,
+                                          **kwargs)
+            values, slots = self._indices(value_states.device)
+            noise_values = value_states if self.values_in_order else value_states.index_select(1, values)
+            noise = self.noise_attention(noise_query, noise_key, noise_values, attention_mask,
+                                         **kwargs).index_select(2, slots)  # (B, T, H, d)
+            attn_output = signal - self.lambdas().view(1, 1, -1, 1).to(signal.dtype) * noise
         if self.config.gda_subln:
             attn_output = (1 - self.lambda_init) * self.subln(attn_output)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()

@@ -50,6 +50,22 @@ def project(module, hidden_states: torch.Tensor, position_embeddings, values: bo
     return states
 
 
+def softmax_weights(scores: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """softmax over the keys of ``scores`` (B, heads, T, S), which it masks in place, as the attention
+    kernels do with the mask they are given: additive float (eager), boolean with True where a query
+    attends (sdpa), or None (sdpa's is_causal: query t sees keys 0..t, a prefill). In float32, returned in ``dtype``."""
+    length, span = scores.shape[-2:]
+    if attention_mask is None and length > 1:
+        attention_mask = torch.ones(length, span, dtype=torch.bool, device=scores.device).tril()
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., :span]
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores.add_(attention_mask)
+    return scores.softmax(-1, dtype=torch.float32).to(dtype)
+
+
 def attend(attention, module, query, key, value, attention_mask, **kwargs):
     """The configured attention kernel (eager, sdpa, flash when installed) over ``module``'s heads;
     returns the output as (batch, seq, heads, value_dim) and the weights (eager only)."""
