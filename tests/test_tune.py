@@ -327,3 +327,32 @@ def test_a_tracker_that_is_not_installed_is_refused(tiny, tmp_path, calib_file, 
     monkeypatch.setattr(loop, "tracker_available", lambda name: False)
     with pytest.raises(ReheadError, match="log: wandb needs the wandb package: pip install wandb"):
         tune(recipe(tmp_path, tiny("gqa"), calib_file, log="wandb"))
+
+
+@pytest.mark.parametrize("layout", ["dha", "gda"])
+def test_compiled_layers_train_like_eager_ones(tiny, tmp_path, calib_file, layout):
+    """train.compile compiles each decoder layer in place: same losses as eager, and the export's tensor
+    names carry no compile wrapper."""
+    options = {"dha": dict(kv_budget=0.5), "gda": dict(ratio=3)}[layout]
+    model = convert(tiny("gqa"), tmp_path / layout, to=layout, calib=str(calib_file), calib_tokens=1024,
+                    calib_seq_len=128, **options)
+    losses, exports = {}, {}
+    for compiled in (False, True):
+        run = tmp_path / f"run-{compiled}"
+        out = tune(recipe(tmp_path, model, calib_file, **{"train.max_steps": 3, "train.compile": compiled,
+                                                          "output_dir": str(run), "data.eval": None})).model
+        losses[compiled] = [r["loss"] for r in metrics(run, "train")]
+        exports[compiled] = weights(out)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert exports[True].keys() == exports[False].keys()
+    assert max((exports[True][k] - exports[False][k]).abs().max().item() for k in exports[True]) < 1e-4
+
+
+def test_fused_adamw_steps_like_the_foreach_one(tiny, tmp_path, calib_file):
+    outs = {}
+    for fused in (False, True):
+        outs[fused] = weights(tune(recipe(tmp_path, tiny("gqa"), calib_file, **{
+            "train.max_steps": 2, "optim.fused": fused, "output_dir": str(tmp_path / f"run-{fused}"),
+            "data.eval": None})).model)
+    assert max((outs[True][k] - outs[False][k]).abs().max().item() for k in outs[True]) < 1e-5
+    assert any(not torch.equal(outs[True][k], weights(tiny("gqa"))[k]) for k in outs[True])

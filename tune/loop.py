@@ -41,6 +41,14 @@ STEP_DIR = re.compile(r"step-(\d+)$")
 STATE = "trainer_state.json"
 
 
+def compile_layers(model) -> None:
+    """Regional compilation: torch.compile each decoder layer in place. The layers share their code, so one
+    compiled graph serves them all and compiling costs one layer's time, not the model's."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.get_decoder().layers:
+        layer.compile()
+
+
 def lr_factor(recipe: Recipe, total: int):
     o = recipe.optim
     floor = o.min_lr / o.lr
@@ -269,10 +277,13 @@ class Trainer:
         for param in model.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
+        fused = r.optim.fused if r.optim.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": r.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=r.optim.lr, betas=r.optim.betas, eps=r.optim.eps,
+            lr=r.optim.lr, betas=r.optim.betas, eps=r.optim.eps, fused=fused or None,
         )
+        if r.train.compile:
+            compile_layers(model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(r, total))
         objective = Objective(model, teacher, r.loss.lm, r.loss.kd, r.loss.kd_temperature, r.loss.layout,
                               r.loss.chunk_tokens)

@@ -61,6 +61,7 @@ class Optim(Section):
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
     clip: float | None = Field(1.0, gt=0, description="gradient-norm clipping (null: none)")
+    fused: bool | None = Field(None, description="AdamW's fused kernel (null: on CUDA, foreach elsewhere)")
 
 
 class Train(Section):
@@ -73,6 +74,8 @@ class Train(Section):
     eval_every: int = Field(0, ge=0, description="eval perplexity every N steps (0: at the start and end only)")
     log_every: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each decoder layer (regional compilation: one layer's "
+                                             "graph, reused by every layer)")
     peak_tflops: float | None = Field(
         None, gt=0, description="the accelerator's peak TFLOP/s for MFU (detected for known GPUs)"
     )
