@@ -85,8 +85,14 @@ def random_model(shape: str, folder: Path) -> Path:
 
 def conversions(source: Path, work: Path, device: str) -> dict[str, str]:
     from bench_common import conversions as make
+    from transformers import AutoConfig
 
-    return make(str(source), work, calib="pydoc", calib_tokens=CALIB_TOKENS, device=device)
+    config = AutoConfig.from_pretrained(source)
+    group = config.num_attention_heads // config.num_key_value_heads  # GDA: one noise head per KV group
+    out = make(str(source), work, layouts=("moh", "dha"), calib="pydoc", calib_tokens=CALIB_TOKENS, device=device)
+    out.update(make(str(source), work, layouts=("gda",), calib="pydoc", calib_tokens=CALIB_TOKENS, device=device,
+                    ratio=group))
+    return out
 
 
 def check_bf16(models: dict[str, str], device: str) -> list[dict]:
@@ -233,8 +239,8 @@ def recovery(work: Path, steps: int, micro: int = 16, seq: int = 1024, eval_toke
     kinds = {}  # every held-out kind, before and after, as multiples of the source's
     for name, folder in (("source", "smollm2-135m"), ("before", dha), ("after", run / "model")):
         model, tokenizer, _ = models.load(str(folder), "fp32", device)
-        kinds[name] = {kind: metrics.perplexity(model, text.blocks(tokenizer, kind, eval_tokens, seq), micro)
-                       for kind in text.HELDOUT_TEXTS}
+        kinds[name] = {kind: metrics.perplexity(model, text.blocks(tokenizer, kind, min(eval_tokens, 16384), seq), micro)
+                       for kind in text.HELDOUT_TEXTS}  # Python 3.12's pydoc-heldout has ~22k tokens
         del model
     ratios = {when: {k: kinds[when][k] / kinds["source"][k] for k in text.HELDOUT_TEXTS} for when in ("before", "after")}
     return {"steps": steps, "tokens": steps * micro * seq, "seconds": seconds, "source_ppl": kinds["source"],
@@ -277,7 +283,7 @@ def main() -> int:
 
     sections = {
         "bf16": lambda: check_bf16(models_of("smollm2-135m"), device),
-        "train": lambda: [row for shape in shapes for row in train_throughput(
+        "train": lambda: [row for shape in shapes[::-1] for row in train_throughput(
             models_of(shape), shape, work, steps=4 if quick else 8, micro=1 if quick else 8, seq=256 if quick else 2048)],
         "decode": lambda: [row for shape in shapes for row in decode(
             models_of(shape), shape, work, batch=2 if quick else 32, context=128 if quick else 2048,
