@@ -13,6 +13,6 @@ def conversions(source: str, work: Path, layouts=("moh", "dha", "gda"), **option
             from rehead.app.pipeline import presets
             from rehead.convert import convert
 
-            convert(str(source), folder, **presets()[layout], **options)
+            convert(str(source), folder, **{**presets()[layout], **options})  # options override the preset
         out[layout] = str(folder)
     return out
