@@ -98,10 +98,11 @@ class DHAOptions(ConvertOptions):
     uniform: bool = Field(False, description="equal groups shared by K and V in every layer: a stock grouped-query "
                                              "checkpoint")
     allocation: Literal["attention", "logits"] = Field(
-        "attention", description="how the planner prices fusing a layer's heads: attention (the error at the layer's "
+        "logits", description="how the planner prices fusing a layer's heads: attention (the error at the layer's "
                                  "attention output) or logits (its effect on the model's output: the error weighted by "
                                  "the Fisher information of the next-token distribution, ~ the KL to the source's)")
-    refine_steps: int = Field(0, ge=0, description="layer-local refinement steps after the closed form")
+    refine_steps: int = Field(30, ge=0, description="layer-local refinement steps after the closed form, on the "
+                                                    "layers that fuse heads (0: the closed form alone)")
     refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
     export: Literal["deci"] | None = Field(None, description="deci: a DeciLM (nemotron-nas) checkpoint with a KV head "
                                                              "count per layer, which vLLM and llama.cpp serve")
@@ -323,7 +324,8 @@ class DHARewriter(Rewriter):
             tensors = architectures.with_o_proj_bias(tensors, self.llama)
         self.key_maps.append(key_map)
         self.value_maps.append(value_map)
-        if self.options.refine_steps and layer.calibration is not None:
+        fused = keys < self.kv or values < self.kv  # a layer that keeps every head is exact: nothing to refine
+        if self.options.refine_steps and layer.calibration is not None and fused:
             tensors = self.refine(layer, tensors)
         self.plan_layers.append({
             "key_groups": [list(g) for g in key_groups],
@@ -338,7 +340,9 @@ class DHARewriter(Rewriter):
         """Adam steps on the fused attention to match the source layer's attention output, one
         calibration micro-batch a step; kept only if the error over all calibration text went down."""
         source = layer.source_layer
-        attn = self.layer_module(layer.index, tensors).self_attn
+        # the module's parameters on clones: Adam's in-place steps must not reach the closed form's tensors,
+        # which are returned unchanged when refining does not lower the error
+        attn = self.layer_module(layer.index, {k: v.clone() for k, v in tensors.items()}).self_attn
         calib = layer.calibration
         cos, sin = calib.position_embeddings
         with torch.no_grad():

@@ -37,6 +37,8 @@ VARIANTS = {
     "dha-1/3-logits": dict(to="dha", kv_budget=0.3334, allocation="logits"),
     "dha-2/3-logits-refine": dict(to="dha", kv_budget=0.6667, allocation="logits", refine_steps=30),
     "dha-1/3-logits-refine": dict(to="dha", kv_budget=0.3334, allocation="logits", refine_steps=30),
+    "dha-2/3-logits-refine100": dict(to="dha", kv_budget=0.6667, allocation="logits", refine_steps=100),
+    "dha-1/3-refine100": dict(to="dha", kv_budget=0.3334, refine_steps=100),
 }
 AIMS = {name: 1.3 if name == "moh" else 1.5 if "2/3" in name else 5.0 for name in VARIANTS}
 
