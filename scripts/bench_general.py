@@ -12,6 +12,7 @@ of every saved row.
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -86,19 +87,20 @@ def table(work: Path) -> str:
     rows = work / "rows"
     base = json.loads((rows / "source.json").read_text())["ppl"]
     kinds = list(text.HELDOUT_TEXTS)
-    lines = [f"| calibration | variant | {' | '.join(kinds)} | worst | aim | convert s |",
-             "|---|---|" + "---:|" * (len(kinds) + 3)]
-    lines.append(f"| (source) | | {' | '.join(f'{base[k]:.2f}' for k in kinds)} | | | |")
+    lines = [f"| calibration | variant | {' | '.join(kinds)} | geo-mean | worst | aim | convert s |",
+             "|---|---|" + "---:|" * (len(kinds) + 4)]
+    lines.append(f"| (source) | | {' | '.join(f'{base[k]:.2f}' for k in kinds)} | | | | |")
     found = [json.loads(p.read_text()) for p in sorted(rows.glob("*.json")) if p.name != "source.json"]
     for row in sorted(found, key=lambda r: (list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else 99,
                                             r["calib"])):
         ratios = [row["ppl"][k] / base[k] for k in kinds]
         worst = max(ratios)
+        geo = math.prod(ratios) ** (1 / len(ratios))
         aim = AIMS.get(row["variant"])
         mark = "" if aim is None else (" ✓" if worst <= aim else f" (+{worst - aim:.2f})")
         lines.append(f"| `{row['calib']}` | {row['variant']} | "
                      + " | ".join(f"{row['ppl'][k]:.2f} (×{r:.2f})" for k, r in zip(kinds, ratios))
-                     + f" | ×{worst:.2f}{mark} | {aim or ''} | {row['convert_seconds']} |")
+                     + f" | ×{geo:.2f} | ×{worst:.2f}{mark} | {aim or ''} | {row['convert_seconds']} |")
     return "\n".join(lines) + "\n"
 
 

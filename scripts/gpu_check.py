@@ -1,7 +1,7 @@
 """Everything GPU-side in one run (scripts/gpu_check.sh calls it): correctness in bf16, training and
 decoding throughput, and a short distillation recovery run. Prints one table last and writes JSON.
 
-    python scripts/gpu_check.py --out $OUT [--quick]
+    python scripts/gpu_check.py --out $OUT [--quick] [--sections train,profile] [--budget-s 420]
 
 1. bf16 vs fp32: each layout, converted (calibration on the GPU) from a random-init model of
    SmolLM2-135M's shape, run in bf16 and in fp32 on the same tokens; the relative logit error and
@@ -12,7 +12,13 @@ decoding throughput, and a short distillation recovery run. Prints one table las
 4. recovery: with the built-in smollm2-135m and the Shakespeare text in REHEAD_CACHE (see
    gpu_check.sh for how they travel), a DHA conversion at half the KV cache tuned with KD on
    ~20M tokens of `shakespeare`, held-out perplexity on `shakespeare-heldout` before and after.
-   Skipped, and said so, when they are not there.
+   Skipped, and said so, when they are not there. Every held-out kind is scored before and after.
+5. profile: torch.profiler over a few `rehead tune` steps of the source at the last shape: the busiest
+   kernels (OUT/profile-SHAPE.txt) and how much of the steps' time the GPU was busy.
+6. train_compiled: section 2 at the last shape with `train.compile: true`.
+
+`--sections` picks sections in order; a section that would start after `--budget-s` seconds is
+skipped and says so (the device's time is short: run the most wanted first).
 
 Random-init models use a byte-level tokenizer over Python's reference text (pydoc, in the standard
 library): the throughput of a model does not depend on which tokens it reads.
