@@ -330,10 +330,15 @@ class Trainer:
             sums += torch.stack([out["loss"].detach(), out["lm"], out["kd"]]) / len(micro)
         grad_norm = acc.clip_grad_norm_(objective.parameters(), r.optim.clip) if r.optim.clip else None
         sums = acc.reduce(sums, reduction="mean")
-        if not torch.isfinite(sums).all():
+        if grad_norm is not None:  # a sharded (FSDP2) norm is a DTensor
+            norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            sums = torch.cat([sums, torch.as_tensor(norm, dtype=sums.dtype, device=sums.device).reshape(1)])
+        host = sums.tolist()  # the step's one host synchronisation: the loss terms and the gradient norm together
+        loss, lm, kd = host[:3]
+        if not all(math.isfinite(x) for x in (loss, lm, kd)):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
             raise ReheadError(
-                f"the loss became {sums[0].item()} at step {step + 1} (lm {sums[1].item()}, kd {sums[2].item()}); "
+                f"the loss became {loss} at step {step + 1} (lm {lm}, kd {kd}); "
                 f"stopped before the update; {where}. Lower optim.lr, raise optim.warmup_steps, or use precision: fp32"
             )
         lr = scheduler.get_last_lr()[0]
@@ -342,10 +347,10 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         tokens = train.per_step * r.data.seq_len
         tps = tokens / (time.perf_counter() - started)
-        values = {"kind": "train", "loss": sums[0].item(), "lm": sums[1].item(), "kd": sums[2].item(), "lr": lr,
+        values = {"kind": "train", "loss": loss, "lm": lm, "kd": kd, "lr": lr,
                   "tokens_per_s": tps, "peak_memory_gb": peak_memory_bytes(self.device) / 2**30}
         if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
+            values["grad_norm"] = host[3]
         if self.peak:
             values["mfu"] = tps * self.flops / (self.peak * 1e12 * acc.num_processes)
         return values
