@@ -358,6 +358,9 @@ class DHARewriter(Rewriter):
                 return sum(loss(x, t).item() * len(x) for x, t in zip(inputs, targets)) / len(calib.hidden)
 
         before = total()
+        if before <= 1e-10:  # the closed form is already exact (repeated heads): nothing to refine
+            self.refined.append({"layer": layer.index, "error_before": before, "error_after": before})
+            return tensors
         params = [p for name, p in attn.named_parameters() if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
         for p in params:
             p.requires_grad_(True)
