@@ -43,7 +43,8 @@ STATE = "trainer_state.json"
 
 def compile_layers(model) -> None:
     """Regional compilation: torch.compile each decoder layer in place. The layers share their code, so one
-    compiled graph serves them all and compiling costs one layer's time, not the model's."""
+    compiled graph serves them all and compiling costs one layer's time, not the model's. (MoH's layers hold
+    different head lists, which dynamo guards as constants: they recompile per layer up to its limit.)"""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.get_decoder().layers:
         layer.compile()

@@ -61,7 +61,7 @@ class Optim(Section):
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
     clip: float | None = Field(1.0, gt=0, description="gradient-norm clipping (null: none)")
-    fused: bool | None = Field(None, description="AdamW's fused kernel (null: on CUDA, foreach elsewhere)")
+    fused: bool | None = Field(None, description="AdamW's fused kernel (null: fused on CUDA, torch's default elsewhere)")
 
 
 class Train(Section):
