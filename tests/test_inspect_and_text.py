@@ -1,6 +1,7 @@
 """rehead inspect, text specs, and the perplexity command."""
 
 import json
+import signal
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ def test_inspect_a_gqa_source(tiny, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(src)
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    before = signal.getsignal(signal.SIGTERM)
     assert main(["inspect", str(src), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == info
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI's SIGTERM handler lasts only while it runs
 
 
 def test_inspect_a_moh_conversion(tiny, tmp_path, capsys):

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     global MAIN_PID
     MAIN_PID = os.getpid()
-    signal.signal(signal.SIGTERM, _terminated)  # a killed run cleans up like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _terminated)  # a killed run cleans up like Ctrl-C
     try:
         return args.func(args)
     except ReheadError as e:
@@ -329,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rehead {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    finally:
+        # main() called in-process (tests, notebooks) must not leave its handler behind: a Python-level
+        # SIGTERM handler inherited by a later fork (lm-eval's bootstrap pool) can lose the pool's
+        # terminate signal in the child's start-up and hang the parent's join
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
