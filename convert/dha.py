@@ -359,7 +359,7 @@ class DHARewriter(Rewriter):
 
         before = total()
         if before <= 1e-10:  # the closed form is already exact (repeated heads): nothing to refine
-            self.refined.append({"layer": layer.index, "error_before": before, "error_after": before})
+            self.refined.append({"layer": layer.index, "error_before": round(before, 6), "error_after": round(before, 6)})
             return tensors
         params = [p for name, p in attn.named_parameters() if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
         for p in params:

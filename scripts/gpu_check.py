@@ -185,9 +185,11 @@ def profile(models: dict[str, str], shape: str, work: Path, out: Path, steps: in
     with torch_profile(activities=activities) as prof:
         tune(recipe)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    step_s = sum(m["tokens_per_s"] and micro * seq / m["tokens_per_s"] for m in metrics if m["kind"] == "train")
+    step_s = sum(micro * seq / m["tokens_per_s"] for m in metrics if m["kind"] == "train")
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type.name == "CUDA"]  # the kernels themselves, not the ops that launch them
+    # the kernels themselves: not the ops that launch them, nor the copies of loading and saving the model
+    kernels = [e for e in events if e.device_type.name == "CUDA"
+               and not e.key.startswith(("Memcpy", "Memset", "Command Buffer Full"))]
     device_us = sum(e.self_device_time_total for e in kernels)
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     table = events.table(sort_by=sort, row_limit=30, max_name_column_width=70)

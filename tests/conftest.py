@@ -56,14 +56,28 @@ def make_checkpoint(folder: Path, variant: str = "gqa", layers: int = 2, seed: i
     values.setdefault("tie_word_embeddings", False)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config_class(**values), dtype=torch.float32)
-    with torch.no_grad():  # random biases, so that a dropped or zeroed bias shows in the logits
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
+    randomise(model)
     model.save_pretrained(folder)
     if tokenizer:
         byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+def randomise(model, also=lambda name: False):
+    """Random biases (and the parameters ``also`` names), so that a dropped or zeroed one shows in the logits."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or also(name):
+                param.normal_(0, 0.5)
+    return model
+
+
+def assert_matches_reference(model, reference, ids: torch.Tensor) -> None:
+    """The batched fast path's logits equal ``reference(model, sequence)`` on each sequence alone."""
+    with torch.no_grad():
+        fast = model(ids).logits
+    for b in range(len(ids)):
+        torch.testing.assert_close(fast[b].double(), reference(model, ids[b]), atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import load_without_rehead, logits, read_json
+from conftest import load_without_rehead, logits, randomise, read_json
 from safetensors.torch import load_file, save_file
 from test_dha import IDS, shuffled_repeats
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -58,11 +58,7 @@ def deci_model(groups, heads=6, tied=False, seed=0) -> DeciLMForCausalLM:
     )
     torch.manual_seed(seed)
     model = DeciLMForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
-    return model
+    return randomise(model)
 
 
 def as_mha_llama(model: DeciLMForCausalLM) -> LlamaForCausalLM:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BLOCK_REHEAD, logits, read_json
+from conftest import BLOCK_REHEAD, assert_matches_reference, logits, randomise, read_json
 from safetensors.torch import load_file, save_file
 
 import rehead  # noqa: F401
@@ -33,11 +33,7 @@ def dha_model(key_map, value_map, heads=6, attn="sdpa", seed=0):
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = DHAForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0, 0.5)
-    return model
+    return randomise(model)
 
 
 def reference_logits(model, ids):
@@ -80,10 +76,7 @@ def test_fast_path_matches_reference(attn, maps):
     model = dha_model(*MAPS[maps], attn=attn)
     assert model.model.layers[0].self_attn.grouped == (maps == "grouped")
     ids = torch.randint(0, 50, (2, 7))
-    with torch.no_grad():
-        fast = model(ids).logits
-    for b in range(len(ids)):
-        torch.testing.assert_close(fast[b].double(), reference_logits(model, ids[b]), atol=1e-4, rtol=1e-4)
+    assert_matches_reference(model, reference_logits, ids)
 
 
 def test_cache_holds_only_the_fused_heads_and_generate_matches_the_full_forward():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_matches_reference, randomise
 from transformers import LlamaConfig
 
 import rehead  # noqa: F401  (registers the layouts)
@@ -22,11 +23,7 @@ def moh_model(router="query-norm", active=4, shared=((1,), (0, 2)), heads=6, kv=
     config._attn_implementation = attn
     torch.manual_seed(seed)
     model = MoHForCausalLM(config).eval()
-    with torch.no_grad():  # random routers and biases, so that a wrong formula shows
-        for name, param in model.named_parameters():
-            if "router" in name or name.endswith("bias"):
-                param.normal_(0, 0.5)
-    return model
+    return randomise(model, also=lambda name: "router" in name)  # random routers too: a wrong formula shows
 
 
 def rope(x, cos, sin):
@@ -107,11 +104,7 @@ def reference_logits(model, ids):
 def test_fast_path_matches_reference(router, attn, shared):
     model = moh_model(router, active=4 if shared[0] else 3, shared=shared, attn=attn)
     ids = torch.randint(0, 50, (2, 7))
-    with torch.no_grad():
-        fast = model(ids).logits
-    for b in range(len(ids)):
-        ref = reference_logits(model, ids[b])
-        torch.testing.assert_close(fast[b].double(), ref, atol=1e-4, rtol=1e-4)
+    assert_matches_reference(model, reference_logits, ids)
 
 
 def test_routing_drops_heads_per_token():

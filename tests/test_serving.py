@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 import torch
+from conftest import assert_matches_reference
 from test_dha import MAPS, dha_model, reference_logits
 from test_gda import gda_model
 from test_gda import reference_logits as gda_reference
@@ -88,21 +89,25 @@ def test_both_dha_paths_match_the_reference(monkeypatch, attn, maps, fused_up_to
     monkeypatch.setattr(DHAAttention, "fused_attention", lambda self, *a: calls.append(1) or fused(self, *a))
     model = dha_model(*(UNEVEN if maps == "uneven" else MAPS[maps]), attn=attn)
     ids = torch.randint(0, 50, (2, 7))
-    with torch.no_grad():
-        fast = model(ids).logits
+    assert_matches_reference(model, reference_logits, ids)
     assert len(calls) == (1 if fused_up_to else 0)  # layer 0 is not grouped; layer 1 is one K/V head for all
-    for b in range(len(ids)):
-        torch.testing.assert_close(fast[b].double(), reference_logits(model, ids[b]), atol=1e-4, rtol=1e-4)
 
 
-def test_fused_eager_attention_weights_are_the_gathered_ones(monkeypatch):
-    model = dha_model(*UNEVEN, attn="eager")
+@pytest.mark.parametrize("layout", ["dha", "gda"])
+def test_eager_weights_are_the_same_on_both_paths(monkeypatch, layout):
+    """With output_attentions, DHA's fused path returns the gathered per-query-head weights and GDA's
+    combined path the signal maps: what the kernels' path returns."""
+    model, module, threshold = {
+        "dha": (lambda: dha_model(*UNEVEN, attn="eager"), modeling_dha, "FUSED_QUERY_TOKENS"),
+        "gda": (lambda: gda_model(6, 2, 2, attn="eager"), modeling_gda, "DECODE_QUERY_TOKENS"),
+    }[layout]
+    model = model()
     ids = torch.randint(0, 50, (2, 7))
     weights = {}
-    for fused_up_to in (0, 64):
-        monkeypatch.setattr(modeling_dha, "FUSED_QUERY_TOKENS", fused_up_to)
+    for up_to in (0, 64):
+        monkeypatch.setattr(module, threshold, up_to)
         with torch.no_grad():
-            weights[fused_up_to] = model(ids, output_attentions=True).attentions[0]
+            weights[up_to] = model(ids, output_attentions=True).attentions[0]
     assert weights[0].shape == (2, 6, 7, 7)
     torch.testing.assert_close(weights[64], weights[0], atol=1e-6, rtol=1e-6)
 
@@ -145,23 +150,8 @@ def test_both_gda_paths_match_the_formula(monkeypatch, attn, shape, decode_up_to
     monkeypatch.setattr(GDAAttention, "decode_attention", lambda self, *a: calls.append(1) or combined(self, *a))
     model = gda_model(*shape, subln=True, attn=attn)
     ids = torch.randint(0, 50, (2, 7))
-    with torch.no_grad():
-        fast = model(ids).logits
+    assert_matches_reference(model, gda_reference, ids)
     assert len(calls) == (2 if decode_up_to else 0)
-    for b in range(len(ids)):
-        torch.testing.assert_close(fast[b].double(), gda_reference(model, ids[b]), atol=1e-4, rtol=1e-4)
-
-
-def test_gda_eager_weights_are_the_signal_maps_on_both_paths(monkeypatch):
-    model = gda_model(6, 2, 2, attn="eager")
-    ids = torch.randint(0, 50, (2, 7))
-    weights = {}
-    for decode_up_to in (0, 64):
-        monkeypatch.setattr(modeling_gda, "DECODE_QUERY_TOKENS", decode_up_to)
-        with torch.no_grad():
-            weights[decode_up_to] = model(ids, output_attentions=True).attentions[0]
-    assert weights[0].shape == (2, 6, 7, 7)
-    torch.testing.assert_close(weights[64], weights[0], atol=1e-6, rtol=1e-6)
 
 
 def test_gda_decoding_reads_the_cached_keys_as_they_are(monkeypatch):
