@@ -11,39 +11,28 @@ This file travels inside converted checkpoints: it imports only torch and transf
 
 import copy
 
-from transformers import GenerationMixin
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
-
 from .configuration_deci import DeciLMConfig
-from .modeling_stack import init_causal_lm, init_stack
+from .modeling_stack import LayoutDecoderLayer, LayoutForCausalLM, LayoutModel
 
 
-class DeciLMDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config: DeciLMConfig, layer_idx: int):
-        layer = copy.copy(config)  # LLaMA's layer, built at this layer's sizes
+class DeciLMDecoderLayer(LayoutDecoderLayer):
+    @staticmethod
+    def layer_sizes(config: DeciLMConfig, layer_idx: int) -> DeciLMConfig:
+        """LLaMA's layer at this layer's KV heads and FFN width."""
+        layer = copy.copy(config)
         layer.num_key_value_heads = config.heads_kv_per_layer[layer_idx]
         layer.intermediate_size = config.intermediate_size_per_layer[layer_idx]
-        super().__init__(layer, layer_idx)
-        # the modules keep the model's config, so that switching the attention implementation reaches them
-        self.self_attn.config = self.mlp.config = config
+        return layer
 
 
-class DeciLMPreTrainedModel(LlamaPreTrainedModel):
-    config_class = DeciLMConfig
-    _no_split_modules = ["DeciLMDecoderLayer"]
+class DeciLMModel(LayoutModel):
+    config_class, decoder_layer_class = DeciLMConfig, DeciLMDecoderLayer
 
 
-class DeciLMModel(DeciLMPreTrainedModel, LlamaModel):
-    def __init__(self, config: DeciLMConfig):
-        init_stack(self, config, DeciLMDecoderLayer)
-
-
-class DeciLMForCausalLM(DeciLMPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class DeciLMForCausalLM(LayoutForCausalLM):
     # what the conversion made (rehead tune's `trainable: new`): the fused key and value projections
     _rehead_new_parameters = (r"\.self_attn\.[kv]_proj\.",)
-
-    def __init__(self, config: DeciLMConfig):
-        init_causal_lm(self, config, DeciLMModel)
+    model_class = DeciLMModel
 
 
-__all__ = ["DeciLMForCausalLM", "DeciLMModel", "DeciLMPreTrainedModel"]
+__all__ = ["DeciLMForCausalLM", "DeciLMModel"]

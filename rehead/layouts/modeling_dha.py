@@ -13,18 +13,10 @@ This file travels inside converted checkpoints: it imports only torch and transf
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaModel,
-    LlamaPreTrainedModel,
-)
 
 from .configuration_dha import DHAConfig
 from .modeling_cache import LayoutCacheMixin
-from .modeling_stack import attend, init_causal_lm, init_stack, project, softmax_weights
+from .modeling_stack import LayoutAttention, LayoutDecoderLayer, LayoutForCausalLM, LayoutModel, attend, softmax_weights
 
 # Up to this many query tokens per step (decoding), a layer whose K and V are not plain grouped-query
 # attention attends against the fused heads themselves (`fused_attention`); above it (prefill,
@@ -50,7 +42,7 @@ def fused_slots(key_of_query: list[int], value_of_query: list[int]) -> tuple[lis
     return query_of_key_slot, key_slot_of_value_slot, [value_slot[i] for i in range(len(key_of_query))]
 
 
-class DHAAttention(LlamaAttention):
+class DHAAttention(LayoutAttention):
     def __init__(self, config: DHAConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         heads = config.num_attention_heads
@@ -67,15 +59,8 @@ class DHAAttention(LlamaAttention):
         contiguous = group > 0 and self.key_of_query == [i // group for i in range(heads)]
         self.grouped = contiguous and self.key_of_query == self.value_of_query
         self.num_key_value_groups = group if self.grouped else 1
-        self._slots = fused_slots(self.key_of_query, self.value_of_query)
-        self._index = {}
-
-    def _maps(self, device: torch.device) -> list[torch.Tensor]:
-        """key_of_query, value_of_query and the three ``fused_slots`` maps, as index tensors on ``device``."""
-        if device not in self._index:
-            maps = (self.key_of_query, self.value_of_query, *self._slots)
-            self._index[device] = [torch.tensor(m, dtype=torch.long, device=device) for m in maps]
-        return self._index[device]
+        # key_of_query, value_of_query and the three ``fused_slots`` maps
+        self.index_maps = (self.key_of_query, self.value_of_query, *fused_slots(self.key_of_query, self.value_of_query))
 
     def fused_attention(self, query, key, value, attention_mask):
         """Attention of every query head against the fused heads, each read once.
@@ -84,7 +69,7 @@ class DHAAttention(LlamaAttention):
         the rows of one matrix against K_j; the weights of the queries reading value head m form the
         rows of one matrix against V_m. Returns (B, T, H, d) and, with eager attention, the weights.
         """
-        _, _, query_of_key_slot, key_slot_of_value_slot, value_slot = self._maps(query.device)
+        _, _, query_of_key_slot, key_slot_of_value_slot, value_slot = self.indices(query.device)
         batch, _, length, dim = query.shape
         keys, values, span = key.shape[1], value.shape[1], key.shape[2]
         grouped = (query * self.scaling).index_select(1, query_of_key_slot).view(batch, keys, -1, dim)
@@ -97,57 +82,31 @@ class DHAAttention(LlamaAttention):
         key_slot_of_query = key_slot_of_value_slot.index_select(0, value_slot)
         return output.transpose(1, 2), weights.index_select(1, key_slot_of_query)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        cache=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
-        query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
-        if cache is not None:  # the cache holds the fused heads only
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+    def attention_step(self, query, key, value, attention_mask, extra, **kwargs):
+        """The cache holds the fused heads only: plain grouped-query attention where K and V share
+        contiguous groups, else ``fused_attention`` (decoding) or K and V gathered per query head."""
         if self.grouped:
-            attn_output, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask,
-                                               **kwargs)
-        elif (query_states.shape[2] <= FUSED_QUERY_TOKENS and not self.training
-              and self.config._attn_implementation in ("eager", "sdpa")):
-            attn_output, attn_weights = self.fused_attention(query_states, key_states, value_states, attention_mask)
-        else:
-            key_of_query, value_of_query = self._maps(key_states.device)[:2]
-            key_states = key_states.index_select(1, key_of_query)
-            value_states = value_states.index_select(1, value_of_query)
-            attn_output, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask,
-                                               **kwargs)
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+            return attend(self, self, query, key, value, attention_mask, **kwargs)
+        if (query.shape[2] <= FUSED_QUERY_TOKENS and not self.training
+                and self.config._attn_implementation in ("eager", "sdpa")):
+            return self.fused_attention(query, key, value, attention_mask)
+        key_of_query, value_of_query = self.indices(key.device)[:2]
+        key, value = key.index_select(1, key_of_query), value.index_select(1, value_of_query)
+        return attend(self, self, query, key, value, attention_mask, **kwargs)
 
 
-class DHADecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config: DHAConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.self_attn = DHAAttention(config, layer_idx)
+class DHADecoderLayer(LayoutDecoderLayer):
+    attention_class = DHAAttention
 
 
-class DHAPreTrainedModel(LlamaPreTrainedModel):
-    config_class = DHAConfig
-    _no_split_modules = ["DHADecoderLayer"]
+class DHAModel(LayoutModel):
+    config_class, decoder_layer_class = DHAConfig, DHADecoderLayer
 
 
-class DHAModel(DHAPreTrainedModel, LlamaModel):
-    def __init__(self, config: DHAConfig):
-        init_stack(self, config, DHADecoderLayer)
-
-
-class DHAForCausalLM(LayoutCacheMixin, DHAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class DHAForCausalLM(LayoutCacheMixin, LayoutForCausalLM):
     # what the conversion made (rehead tune's `trainable: new`): the fused key and value projections
     _rehead_new_parameters = (r"\.self_attn\.[kv]_proj\.",)
-
-    def __init__(self, config: DHAConfig):
-        init_causal_lm(self, config, DHAModel)
+    model_class = DHAModel
 
 
-__all__ = ["DHAForCausalLM", "DHAModel", "DHAPreTrainedModel"]
+__all__ = ["DHAForCausalLM", "DHAModel"]

@@ -19,19 +19,11 @@ This file travels inside converted checkpoints: it imports only torch and transf
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaModel,
-    LlamaPreTrainedModel,
-    LlamaRMSNorm,
-)
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_gda import GDAConfig
 from .modeling_cache import LayoutCacheMixin
-from .modeling_stack import attend, init_causal_lm, init_stack, project, softmax_weights
+from .modeling_stack import LayoutAttention, LayoutDecoderLayer, LayoutForCausalLM, LayoutModel, attend, project, softmax_weights
 
 # Up to this many query tokens per step (decoding), `decode_attention` combines the signal and noise
 # maps before they meet V; above it (prefill, training), both maps go through the attention kernel.
@@ -58,7 +50,7 @@ class NoiseAttention(nn.Module):
 WIDE_VALUE_KERNELS = ("eager", "sdpa")
 
 
-class GDAAttention(LlamaAttention):
+class GDAAttention(LayoutAttention):
     def __init__(self, config: GDAConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         heads, kv, noise = config.num_attention_heads, config.num_key_value_heads, config.gda_noise_heads
@@ -79,16 +71,8 @@ class GDAAttention(LlamaAttention):
         width = len(self.noise_values[0])
         self.noise_slot = [(i // ratio) * width + self.noise_values[i // ratio].index(kv_of[i]) for i in range(heads)]
         # noise groups that read the KV heads in their own order take V as it is (no copy of the cached V)
-        self.values_in_order = [j for values in self.noise_values for j in values] == list(range(kv))
-        self._index = {}
-
-    def _indices(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._index:
-            self._index[device] = (
-                torch.tensor([j for values in self.noise_values for j in values], dtype=torch.long, device=device),
-                torch.tensor(self.noise_slot, dtype=torch.long, device=device),
-            )
-        return self._index[device]
+        self.index_maps = ([j for values in self.noise_values for j in values], self.noise_slot)
+        self.values_in_order = self.index_maps[0] == list(range(kv))
 
     def lambdas(self) -> torch.Tensor:
         """λ of every signal head, float32."""
@@ -138,72 +122,51 @@ class GDAAttention(LlamaAttention):
         output = torch.matmul(combined.view(batch, kv, rows, span), values).view(batch, heads, length, dim)
         return output.transpose(1, 2), signal if self.config._attn_implementation == "eager" else None
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        cache=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
-        input_shape = hidden_states.shape[:-1]
+    def project_states(self, hidden_states, position_embeddings):
+        """The signal queries; the keys the cache holds, signal then noise; the values; the noise queries."""
         query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
         noise_query, noise_key = project(self.noise, hidden_states, position_embeddings, values=False)
-        kv = key_states.shape[1]
-        keys = torch.cat([key_states, noise_key], 1)
-        if cache is not None:  # noise keys are cached beside the signal keys; values are shared
-            keys, value_states = cache.update(keys, value_states, self.layer_idx)
-        if (query_states.shape[2] <= DECODE_QUERY_TOKENS and not self.training
+        return query_states, torch.cat([key_states, noise_key], 1), value_states, noise_query
+
+    def attention_step(self, query, keys, values, attention_mask, noise_query, **kwargs):
+        if (query.shape[2] <= DECODE_QUERY_TOKENS and not self.training
                 and self.config._attn_implementation in ("eager", "sdpa")):
-            attn_output, attn_weights = self.decode_attention(query_states, keys, value_states, noise_query,
-                                                              attention_mask)
+            attn_output, attn_weights = self.decode_attention(query, keys, values, noise_query, attention_mask)
         else:
+            kv = values.shape[1]
             key_states, noise_key = keys[:, :kv], keys[:, kv:]
-            signal, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask,
-                                          **kwargs)
-            values, slots = self._indices(value_states.device)
-            noise_values = value_states if self.values_in_order else value_states.index_select(1, values)
+            signal, attn_weights = attend(self, self, query, key_states, values, attention_mask, **kwargs)
+            noise_values, slots = self.indices(values.device)
+            noise_values = values if self.values_in_order else values.index_select(1, noise_values)
             noise = self.noise_attention(noise_query, noise_key, noise_values, attention_mask,
                                          **kwargs).index_select(2, slots)  # (B, T, H, d)
             attn_output = signal - self.lambdas().view(1, 1, -1, 1).to(signal.dtype) * noise
         if self.config.gda_subln:
             attn_output = (1 - self.lambda_init) * self.subln(attn_output)
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return attn_output, attn_weights
+
+    def init_layout_parameters(self) -> None:
+        if self.config.gda_lambda == "plain":
+            nn.init.zeros_(self.diff_lambda)
+            return
+        # λ_q2 = λ_q1 and λ_k2 = λ_k1: λ = λ_init exactly, and each factor still gets a gradient
+        nn.init.normal_(self.lambda_q1, std=0.1)
+        nn.init.normal_(self.lambda_k1, std=0.1)
+        with torch.no_grad():
+            for copy, original in ((self.lambda_q2, self.lambda_q1), (self.lambda_k2, self.lambda_k1)):
+                if not getattr(copy, "_is_hf_initialized", False):  # not loaded from a checkpoint
+                    copy.copy_(original)
 
 
-class GDADecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config: GDAConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.self_attn = GDAAttention(config, layer_idx)
+class GDADecoderLayer(LayoutDecoderLayer):
+    attention_class = GDAAttention
 
 
-class GDAPreTrainedModel(LlamaPreTrainedModel):
-    config_class = GDAConfig
-    _no_split_modules = ["GDADecoderLayer"]
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, GDAAttention) and module.config.gda_lambda == "plain":
-            nn.init.zeros_(module.diff_lambda)
-        elif isinstance(module, GDAAttention):
-            # λ_q2 = λ_q1 and λ_k2 = λ_k1: λ = λ_init exactly, and each factor still gets a gradient
-            nn.init.normal_(module.lambda_q1, std=0.1)
-            nn.init.normal_(module.lambda_k1, std=0.1)
-            with torch.no_grad():
-                for copy, original in ((module.lambda_q2, module.lambda_q1), (module.lambda_k2, module.lambda_k1)):
-                    if not getattr(copy, "_is_hf_initialized", False):  # not loaded from a checkpoint
-                        copy.copy_(original)
+class GDAModel(LayoutModel):
+    config_class, decoder_layer_class = GDAConfig, GDADecoderLayer
 
 
-class GDAModel(GDAPreTrainedModel, LlamaModel):
-    def __init__(self, config: GDAConfig):
-        init_stack(self, config, GDADecoderLayer)
-
-
-class GDAForCausalLM(LayoutCacheMixin, GDAPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class GDAForCausalLM(LayoutCacheMixin, LayoutForCausalLM):
     # what the conversion added (rehead tune's `trainable: new`): noise heads, λ (either form), the optional sub-norm
     _rehead_new_parameters = (
         r"\.self_attn\.noise\.",
@@ -211,9 +174,7 @@ class GDAForCausalLM(LayoutCacheMixin, GDAPreTrainedModel, LlamaForCausalLM, Gen
         r"\.self_attn\.lambda_[qk][12]$",
         r"\.self_attn\.subln\.",
     )
-
-    def __init__(self, config: GDAConfig):
-        init_causal_lm(self, config, GDAModel)
+    model_class = GDAModel
 
 
-__all__ = ["GDAForCausalLM", "GDAModel", "GDAPreTrainedModel"]
+__all__ = ["GDAForCausalLM", "GDAModel"]

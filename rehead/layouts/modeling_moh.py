@@ -12,18 +12,10 @@ This file travels inside converted checkpoints: it imports only torch and transf
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    LlamaModel,
-    LlamaPreTrainedModel,
-)
 
 from .configuration_moh import MoHConfig
 from .modeling_cache import LayoutCacheMixin
-from .modeling_stack import attend, init_causal_lm, init_stack, project
+from .modeling_stack import LayoutAttention, LayoutDecoderLayer, LayoutForCausalLM, LayoutModel, attend, project
 
 
 def _fp32(router: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -33,7 +25,7 @@ def _fp32(router: nn.Linear, hidden_states: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(hidden_states.float(), router.weight.float())
 
 
-class MoHAttention(LlamaAttention):
+class MoHAttention(LayoutAttention):
     def __init__(self, config: MoHConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         heads = config.num_attention_heads
@@ -43,7 +35,7 @@ class MoHAttention(LlamaAttention):
         self.router = config.moh_router
         self.cache_heads = (config.num_key_value_heads,) * 2  # every head's K/V: other tokens may pick any head
         self.aux_loss = None
-        self._index = {}
+        self.index_maps = (self.shared_heads, self.routed_heads)
         if self.router == "learned" and not self.all_active:
             # The paper's two-stage router: W_s (shared), W_r (routed), W_h (mixes the two stages).
             self.router_routed = nn.Linear(config.hidden_size, len(self.routed_heads), bias=False)
@@ -55,17 +47,9 @@ class MoHAttention(LlamaAttention):
     def all_active(self) -> bool:
         return self.top_k >= len(self.routed_heads)
 
-    def _heads(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._index:
-            self._index[device] = (
-                torch.tensor(self.shared_heads, dtype=torch.long, device=device),
-                torch.tensor(self.routed_heads, dtype=torch.long, device=device),
-            )
-        return self._index[device]
-
     def gates(self, hidden_states: torch.Tensor, query_states: torch.Tensor) -> torch.Tensor:
         """Per-token head gates, (batch, seq, heads), float32. hidden_states: (B, T, D); query_states: (B, H, T, d)."""
-        shared, routed = self._heads(hidden_states.device)
+        shared, routed = self.indices(hidden_states.device)
         batch, seq = hidden_states.shape[:2]
         gates = hidden_states.new_ones(batch, seq, self.config.num_attention_heads, dtype=torch.float32)
         if self.router == "query-norm":
@@ -95,48 +79,30 @@ class MoHAttention(LlamaAttention):
             self.aux_loss = len(self.routed_heads) * (frac * mean_prob).sum()
         return gates.index_copy(-1, routed, routed_gates)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
-        cache=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
+    def project_states(self, hidden_states, position_embeddings):
+        """LLaMA's queries, keys and values, and the heads' gates (None with every head active)."""
         query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
         gates = None if self.all_active else self.gates(hidden_states, query_states)  # RoPE keeps the norms
-        if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-        attn_output, attn_weights = attend(self, self, query_states, key_states, value_states, attention_mask, **kwargs)
+        return query_states, key_states, value_states, gates
+
+    def attention_step(self, query, key, value, attention_mask, gates, **kwargs):
+        attn_output, attn_weights = attend(self, self, query, key, value, attention_mask, **kwargs)
         if gates is not None:  # attn_output: (B, T, H, d)
             attn_output = attn_output * gates.unsqueeze(-1).to(attn_output.dtype)
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return attn_output, attn_weights
+
+    def init_layout_parameters(self) -> None:
+        for name in ("router_routed", "router_shared", "router_mix"):
+            if hasattr(self, name):  # zero routers: every active head starts at gate 1
+                nn.init.zeros_(getattr(self, name).weight)
 
 
-class MoHDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config: MoHConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.self_attn = MoHAttention(config, layer_idx)
+class MoHDecoderLayer(LayoutDecoderLayer):
+    attention_class = MoHAttention
 
 
-class MoHPreTrainedModel(LlamaPreTrainedModel):
-    config_class = MoHConfig
-    _no_split_modules = ["MoHDecoderLayer"]
-
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, MoHAttention):
-            for name in ("router_routed", "router_shared", "router_mix"):
-                if hasattr(module, name):  # zero routers: every active head starts at gate 1
-                    nn.init.zeros_(getattr(module, name).weight)
-
-
-class MoHModel(MoHPreTrainedModel, LlamaModel):
-    def __init__(self, config: MoHConfig):
-        init_stack(self, config, MoHDecoderLayer)
+class MoHModel(LayoutModel):
+    config_class, decoder_layer_class = MoHConfig, MoHDecoderLayer
 
     def forward(self, *args, **kwargs):
         for layer in self.layers:  # each forward's load-balance terms are its own (MoHForCausalLM.layout_loss)
@@ -144,12 +110,10 @@ class MoHModel(MoHPreTrainedModel, LlamaModel):
         return super().forward(*args, **kwargs)
 
 
-class MoHForCausalLM(LayoutCacheMixin, MoHPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+class MoHForCausalLM(LayoutCacheMixin, LayoutForCausalLM):
     # what the conversion added (rehead tune's `trainable: new`): the learned router
     _rehead_new_parameters = (r"\.self_attn\.router_",)
-
-    def __init__(self, config: MoHConfig):
-        init_causal_lm(self, config, MoHModel)
+    model_class = MoHModel
 
     def layout_loss(self) -> torch.Tensor | None:
         """β · the mean over layers of the load-balance losses of the last training forward (learned
@@ -169,4 +133,4 @@ class MoHForCausalLM(LayoutCacheMixin, MoHPreTrainedModel, LlamaForCausalLM, Gen
         return outputs
 
 
-__all__ = ["MoHForCausalLM", "MoHModel", "MoHPreTrainedModel"]
+__all__ = ["MoHForCausalLM", "MoHModel"]

@@ -1,4 +1,11 @@
-"""The LLaMA decoder stack around a layout's own decoder layer.
+"""What every layout's transformers model shares: the attention's sequence around the layout's own
+step, and the LLaMA decoder layer, decoder stack and causal LM around that attention.
+
+    project → cache → the layout's attention step → o_proj
+
+A layout's modeling file subclasses ``LayoutAttention`` (its attention step, and what it projects
+where that is more than LLaMA's queries, keys and values) and names its classes in the shells:
+``LayoutDecoderLayer.attention_class``, ``LayoutModel.decoder_layer_class``, ``LayoutForCausalLM.model_class``.
 
 This file travels inside converted checkpoints beside the layout's files: it imports only torch
 and transformers.
@@ -8,36 +15,19 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import GenerationMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
     LlamaPreTrainedModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
-
-
-def init_stack(model, config, layer_class) -> None:
-    """LlamaModel.__init__ with ``layer_class`` layers (LlamaModel's own would build Llama layers first)."""
-    LlamaPreTrainedModel.__init__(model, config)
-    model.padding_idx = config.pad_token_id
-    model.vocab_size = config.vocab_size
-    model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, model.padding_idx)
-    model.layers = nn.ModuleList([layer_class(config, i) for i in range(config.num_hidden_layers)])
-    model.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-    model.rotary_emb = LlamaRotaryEmbedding(config=config)
-    model.gradient_checkpointing = False
-    model.post_init()
-
-
-def init_causal_lm(model, config, model_class) -> None:
-    """LlamaForCausalLM.__init__ around a ``model_class`` stack."""
-    LlamaPreTrainedModel.__init__(model, config)
-    model.model = model_class(config)
-    model.vocab_size = config.vocab_size
-    model.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    model.post_init()
 
 
 def project(module, hidden_states: torch.Tensor, position_embeddings, values: bool = True) -> list[torch.Tensor]:
@@ -74,3 +64,121 @@ def attend(attention, module, query, key, value, attention_mask, **kwargs):
     )
     dropout = 0.0 if not attention.training else attention.attention_dropout
     return interface(module, query, key, value, attention_mask, dropout=dropout, scaling=attention.scaling, **kwargs)
+
+
+class LayoutAttention(LlamaAttention):
+    """LLaMA's attention with the layout's own step between the cache and ``o_proj``.
+
+    A layout overrides ``attention_step`` and, where the cache holds more than the rotated keys and the
+    values or its step needs more than the queries, ``project_states``; ``init_layout_parameters`` starts
+    what it adds to LLaMA's attention. ``index_maps`` (lists of head indices) reach the step as index
+    tensors through ``indices``, made once per device.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.index_maps: tuple[list[int], ...] = ()
+        self._index = {}
+
+    def indices(self, device: torch.device) -> list[torch.Tensor]:
+        """``index_maps`` as index tensors on ``device``."""
+        if device not in self._index:
+            self._index[device] = [torch.tensor(m, dtype=torch.long, device=device) for m in self.index_maps]
+        return self._index[device]
+
+    def project_states(self, hidden_states: torch.Tensor, position_embeddings) -> tuple:
+        """The queries, the keys and values the cache holds, and what the attention step needs besides
+        (here nothing: LLaMA's projections)."""
+        return (*project(self, hidden_states, position_embeddings), None)
+
+    def attention_step(self, query, key, value, attention_mask, extra, **kwargs):
+        """The heads' outputs (B, T, H, d) and, with eager attention, the weights; ``key`` and ``value``
+        are what the cache holds, ``extra`` what ``project_states`` gave besides. Here: the attention kernel."""
+        return attend(self, self, query, key, value, attention_mask, **kwargs)
+
+    def init_layout_parameters(self) -> None:
+        """Initialises what the layout adds to LLaMA's attention (called by the model's weight init)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        cache=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = cache if cache is not None else past_key_values  # renamed in transformers 5.24
+        query, key, value, extra = self.project_states(hidden_states, position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attn_output, attn_weights = self.attention_step(query, key, value, attention_mask, extra, **kwargs)
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class LayoutDecoderLayer(LlamaDecoderLayer):
+    """LLaMA's decoder layer, built at the sizes ``layer_sizes`` gives it, around the layout's
+    ``attention_class`` (LLaMA's own attention where it names none)."""
+
+    attention_class: type | None = None
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(self.layer_sizes(config, layer_idx), layer_idx)
+        if self.attention_class is not None:
+            self.self_attn = self.attention_class(config, layer_idx)
+        # the modules keep the model's config, so that switching the attention implementation reaches them
+        self.self_attn.config = self.mlp.config = config
+
+    @staticmethod
+    def layer_sizes(config, layer_idx: int):
+        """The config this layer's LLaMA modules are built at: the model's, unless a format sizes layers one by one."""
+        return config
+
+
+class LayoutPreTrainedModel(LlamaPreTrainedModel):
+    """LlamaPreTrainedModel whose weight init also starts what a layout adds to its attention."""
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LayoutAttention):
+            module.init_layout_parameters()
+
+
+class LayoutModel(LayoutPreTrainedModel, LlamaModel):
+    """LlamaModel of ``decoder_layer_class`` layers, which device maps keep whole."""
+
+    decoder_layer_class: type
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._no_split_modules = [cls.decoder_layer_class.__name__]
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)  # LlamaModel.__init__ would build LLaMA layers first
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class LayoutForCausalLM(LayoutPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    """LlamaForCausalLM around a ``model_class`` stack, whose config class it takes."""
+
+    model_class: type
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.config_class = cls.model_class.config_class
+        cls._no_split_modules = cls.model_class._no_split_modules
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = self.model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
