@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from rehead import families
 from rehead.errors import ReheadError
-from rehead.heads import mha_config
+from rehead.families.llama import mha_config
 from rehead.layouts.configuration_dha import DHAConfig
 from rehead.layouts.modeling_dha import DHAAttention, DHADecoderLayer
 

@@ -21,8 +21,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from rehead import families, text
 from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
 from rehead.errors import ReheadError
+from rehead.families.llama import LAYER_RE, head_dim_of
 from rehead.files import atomic_output, check_output
-from rehead.heads import LAYER_RE, head_dim_of
 from rehead.layouts import layout_config
 from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
 from rehead.sampled import Sampler

@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 from rehead.checkpoint import CheckpointReader, read_config
-from rehead.heads import head_dim_of
+from rehead.families.llama import head_dim_of
 from rehead.layouts import BY_MODEL_TYPE, layout_config
 from rehead.provenance import Provenance
 

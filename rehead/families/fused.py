@@ -7,7 +7,6 @@ Phi-3's ``self_attn.qkv_proj.weight`` is ``[(q_proj, H·d), (k_proj, KV·d), (v_
 """
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -15,7 +14,8 @@ import torch
 from rehead.checkpoint import SAFE_INDEX, CheckpointReader, ShardWriter
 from rehead.errors import ReheadError
 
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+from .llama import LAYER_RE
+
 FUSING = "fusing.partial"  # the folder inside a checkpoint where its weights are rewritten fused
 
 
