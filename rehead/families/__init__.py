@@ -18,6 +18,7 @@ from rehead.layouts import BY_MODEL_TYPE
 from .fused import SplitReader, fuse_back
 from .llama import Llama, with_o_proj_bias
 from .mistral import Mistral
+from .phi3 import Phi3
 from .qwen2 import Qwen2
 
 FAMILIES: dict[str, Llama] = {}
@@ -32,6 +33,7 @@ def register(family: Llama) -> Llama:
 register(Llama())
 register(Mistral())
 register(Qwen2())
+register(Phi3())
 
 
 def family_of(config: dict, where: str) -> Llama:
