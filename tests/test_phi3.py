@@ -16,6 +16,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
 from rehead import families
 from rehead.convert import convert
+from rehead.describe import describe
 from rehead.errors import ReheadError
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -162,3 +163,13 @@ def test_the_hub_checkpoints_rope_scaling_is_read_as_phi3_reads_it():
     x, positions = torch.ones(1, 32, 8), torch.arange(32)[None]  # past 16 tokens: the long factors
     for got, expected in zip(LlamaRotaryEmbedding(llama)(x, positions), Phi3RotaryEmbedding(Phi3Config(**config))(x, positions)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_inspect_reads_a_phi3_source(tmp_path):
+    info = describe(make_phi3(tmp_path / "src", kv=2))
+    assert info["family"] == "Phi-3, Phi-3.5, Phi-4" and info["architecture"] == "Phi3ForCausalLM"
+    assert (info["query_heads"], info["key_heads_per_layer"], info["head_dim"]) == (4, [2, 2], 8)
+    per_head = 2 * 8 * 2  # one K or V head over 2 layers in bf16
+    would = {flags: row["kv_cache_bytes_per_token_bf16"] for flags, row in info["if_converted"].items()}
+    assert would == {"--to mha": 8 * per_head, "--to moh": 4 * per_head, "--to dha --kv-budget 0.5": 2 * per_head,
+                     "--to gda --ratio 2": 6 * per_head}

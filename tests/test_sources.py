@@ -4,6 +4,7 @@ own name, and refuses a field of its own. It converts to a layout (its function 
 own form (``--to mha``, ``--to dha --uniform``), tensor for tensor what the LLaMA original gives."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from rehead import families
 from rehead.convert import convert
+from rehead.describe import describe, format_text
 from rehead.errors import ReheadError
 from rehead.families import Llama
 from rehead.families.llama import check_heads
@@ -124,3 +126,21 @@ def test_the_head_counts_a_family_reads_are_validated(change, message):
     config = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 32, "num_hidden_layers": 2, **change}
     with pytest.raises(ReheadError, match=message):
         check_heads(config, "src")
+
+
+def test_inspect_shows_a_toy_source_its_family_and_what_each_layout_would_cache(toy):
+    _, source = toy
+    info = describe(source)  # 6 heads, 2 KV heads, head_dim 8, 2 layers
+    assert info["family"] == "Toy" and info["query_heads"] == 6 and info["key_heads_per_layer"] == [2, 2]
+    per_head = 2 * 8 * 2  # one K or V head over 2 layers in bf16
+    assert info["kv_cache_bytes_per_token_bf16"] == 4 * per_head
+    would = {flags: row["kv_cache_bytes_per_token_bf16"] for flags, row in info["if_converted"].items()}
+    assert would == {"--to mha": 12 * per_head, "--to moh": 4 * per_head, "--to dha --kv-budget 0.5": 2 * per_head,
+                     "--to gda --ratio 3": 6 * per_head}
+    assert "source family         Toy" in format_text(info)
+
+
+def test_the_readme_lists_every_family():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, family in families.FAMILIES.items():
+        assert f"| {family.title} (`{name}`) |" in readme, f"README's source table lacks {name}"
