@@ -41,6 +41,13 @@ class SplitReader:
                 self._names.append(prefix + part)
                 start += rows
             self.rows[name] = start
+        shapes = reader.shapes() if self.rows else {}  # from the shard headers: checked before any work
+        for whole, rows in self.rows.items():
+            if shapes[whole][0] != rows:
+                raise ReheadError(
+                    f"{reader.folder}: {whole} has {shapes[whole][0]} rows, but config.json's head counts, head_dim "
+                    f"and sizes give {rows}; the config does not describe these weights"
+                )
         self._last: tuple[str | None, torch.Tensor | None] = (None, None)
 
     def names(self) -> list[str]:
@@ -51,13 +58,7 @@ class SplitReader:
             return self.reader.get(name)
         whole, start, stop = self.parts[name]
         if self._last[0] != whole:
-            tensor = self.reader.get(whole)
-            if tensor.shape[0] != self.rows[whole]:
-                raise ReheadError(
-                    f"{self.reader.folder}: {whole} has {tensor.shape[0]} rows, but config.json's head counts, head_dim "
-                    f"and sizes give {self.rows[whole]}; the config does not describe these weights"
-                )
-            self._last = (whole, tensor)
+            self._last = (whole, self.reader.get(whole))
         return self._last[1][start:stop]
 
     def get_many(self, names) -> dict[str, torch.Tensor]:

@@ -41,6 +41,10 @@ class Phi3(Llama):
                 "to the last sliding_window tokens only, and the converted layouts attend to the full context; use a "
                 "checkpoint whose window spans its context (Phi-3-mini-128k, Phi-3.5-mini)"
             )
+        size = config.get("intermediate_size")
+        if not isinstance(size, int) or size <= 0:
+            raise ReheadError(f"{where}: config.json's intermediate_size is {size!r}; it must be a positive integer "
+                              "(gate_up_proj is split at it)")
         super().check(config, where)
 
     def llama_values(self, config: dict) -> dict:
