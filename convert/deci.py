@@ -17,7 +17,7 @@ llama.cpp's ``deci`` would not compute as the source does.
 import logging
 import math
 
-from rehead import architectures
+from rehead import families
 from rehead.errors import ReheadError
 from rehead.layouts.configuration_deci import DeciLMConfig, ffn_mult_to_intermediate_size
 
@@ -73,7 +73,7 @@ def check_source(config: dict) -> float:
     biases, SiLU, the FFN width as ffn_mult, head_dim = hidden_size / heads (llama.cpp's key and
     value length), rope_theta and llama3 rope scaling.
     """
-    llama = architectures.llama_config(config)
+    llama = families.llama_config(config)
     hidden, heads = llama.hidden_size, llama.num_attention_heads
     instead = "convert with --to dha without --export (rehead's own layout, for transformers)"
     if llama.head_dim * heads != hidden:

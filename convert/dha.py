@@ -23,9 +23,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from rehead import architectures
+from rehead import families
 from rehead.errors import ReheadError
-from rehead.heads import mha_config
+from rehead.families.llama import mha_config
 from rehead.layouts.configuration_dha import DHAConfig
 from rehead.layouts.modeling_dha import DHAAttention, DHADecoderLayer
 
@@ -264,7 +264,7 @@ class DHARewriter(Rewriter):
         with torch.device("meta"):
             attn = DHAAttention(config, index)
         state = {k.removeprefix("self_attn."): v.to(self.options.device) for k, v in tensors.items()}
-        state = architectures.with_o_proj_bias(state, self.llama, prefix="")
+        state = families.with_o_proj_bias(state, self.llama, prefix="")
         attn.load_state_dict(state, assign=True)
         return attn.eval()
 
@@ -321,7 +321,7 @@ class DHARewriter(Rewriter):
         if "self_attn.o_proj.bias" in layer.tensors:
             tensors["self_attn.o_proj.bias"] = layer.tensors["self_attn.o_proj.bias"]
         elif not self.options.uniform:  # a uniform result keeps the source's architecture, and so its biases
-            tensors = architectures.with_o_proj_bias(tensors, self.llama)
+            tensors = families.with_o_proj_bias(tensors, self.llama)
         self.key_maps.append(key_map)
         self.value_maps.append(value_map)
         fused = keys < self.kv or values < self.kv  # a layer that keeps every head is exact: nothing to refine

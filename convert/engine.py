@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from rehead import architectures, text
+from rehead import families, text
 from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
 from rehead.errors import ReheadError
+from rehead.families.llama import LAYER_RE, head_dim_of
 from rehead.files import atomic_output, check_output
-from rehead.heads import LAYER_RE, head_dim_of
 from rehead.layouts import layout_config
 from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
 from rehead.sampled import Sampler
@@ -97,13 +97,13 @@ class Rewriter:
 
     def check_source(self, config: dict, where: str) -> None:
         """Refuses a source this conversion cannot read (by default: anything but a LLaMA-family checkpoint)."""
-        architectures.check_source(config, where, self.source_layouts)
+        families.check_source(config, where, self.source_layouts)
 
     def setup(self, source_config: dict) -> None:
         """Checks the options against the source; raises ReheadError before anything is written.
         The base reads the source's shape: its LLaMA form and its query, KV and layer counts."""
         self.source_config = source_config
-        self.llama = architectures.llama_config(source_config)
+        self.llama = families.llama_config(source_config)
         self.heads, self.layers = self.llama.num_attention_heads, self.llama.num_hidden_layers
         self.kv = self.llama.num_key_value_heads or self.heads
 
@@ -148,7 +148,7 @@ def build_layer(layer_class: type, config, index: int, tensors: dict[str, torch.
     with torch.device("meta"):
         module = layer_class(config, index)
     state = {name: t.to(device=device, dtype=torch.float32) for name, t in tensors.items()}
-    state = architectures.with_o_proj_bias(state, config)
+    state = families.with_o_proj_bias(state, config)
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
 
@@ -226,7 +226,7 @@ def open_source(source_spec: str, out: Path, options: ConvertOptions, rewriter: 
     check_output(out, options.overwrite)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise ReheadError(f"--device {options.device}: CUDA is not available here; use --device cpu")
-    reader = CheckpointReader(source.path, options.allow_pickle)
+    reader = families.reader(config, CheckpointReader(source.path, options.allow_pickle))  # LLaMA-form names
     layer_names: dict[int, list[str]] = {}
     other_names = []
     for name in reader.names():
@@ -237,7 +237,7 @@ def open_source(source_spec: str, out: Path, options: ConvertOptions, rewriter: 
     n_layers = config["num_hidden_layers"]
     if sorted(layer_names) != list(range(n_layers)):
         raise ReheadError(f"{source_spec}: weights hold layers {sorted(layer_names)}, config.json says {n_layers}")
-    llama = architectures.llama_config(config)
+    llama = families.llama_config(config)
     llama._attn_implementation = "sdpa"
     job = SourceReader(source, config, llama, reader, layer_names, other_names, load_tokenizer(options, source))
     calibrates = rewriter.needs_calibration or options.check_identity

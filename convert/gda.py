@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from rehead import architectures
+from rehead import families
 from rehead.errors import ReheadError
 from rehead.layouts.configuration_gda import GDAConfig, diff_lambda_init
 from rehead.layouts.modeling_gda import GDADecoderLayer
@@ -210,7 +210,7 @@ class GDARewriter(Rewriter):
             return self.grow_layer(layer)
         t = dict(layer.tensors)
         d = self.head_dim
-        t = architectures.with_o_proj_bias(t, self.llama)
+        t = families.with_o_proj_bias(t, self.llama)
 
         def heads(name, count):
             return t[name].unflatten(0, (count, d))

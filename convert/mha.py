@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from rehead.heads import mha_config, repeat_kv_weights
+from rehead.families.llama import mha_config, repeat_kv_weights
 
 from .engine import LayerInput, Rewriter
 from .options import ConvertOptions

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from rehead import architectures
+from rehead import families
 from rehead.errors import ReheadError
 from rehead.layouts.configuration_moh import MoHConfig
 from rehead.layouts.modeling_moh import MoHDecoderLayer
@@ -129,7 +129,7 @@ class MoHRewriter(Rewriter):
     def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
         tensors = dict(layer.tensors)
         hidden = self.llama.hidden_size
-        tensors = architectures.with_o_proj_bias(tensors, self.llama)
+        tensors = families.with_o_proj_bias(tensors, self.llama)
         top_k = self.active - self.n_shared
         learned = self.options.router == "learned"
         routers = {}

@@ -108,7 +108,7 @@ def _build_mha(source: Path, folder: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from rehead.checkpoint import copy_side_files
-    from rehead.heads import mha_config, repeat_kv_weights
+    from rehead.families.llama import mha_config, repeat_kv_weights
 
     config = json.loads((source / "config.json").read_text())
     tensors = load_file(source / "model.safetensors")

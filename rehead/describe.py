@@ -3,8 +3,9 @@
 import math
 from pathlib import Path
 
+from rehead import families
 from rehead.checkpoint import CheckpointReader, read_config
-from rehead.heads import head_dim_of
+from rehead.families.llama import head_dim_of
 from rehead.layouts import BY_MODEL_TYPE, layout_config
 from rehead.provenance import Provenance
 
@@ -12,10 +13,12 @@ from rehead.provenance import Provenance
 def describe(folder: Path, allow_pickle: bool = False) -> dict:
     config = read_config(folder)
     model_type = config.get("model_type")
-    heads = config["num_attention_heads"]
-    layers = config["num_hidden_layers"]
-    kv = config.get("num_key_value_heads") or heads
-    head_dim = head_dim_of(config)
+    family = families.FAMILIES.get(model_type)
+    shape = family.llama_values(config) if family else config  # a family's head counts, in the LLaMA form
+    heads = shape["num_attention_heads"]
+    layers = shape["num_hidden_layers"]
+    kv = shape.get("num_key_value_heads") or heads
+    head_dim = head_dim_of(shape)
     layout = layout_config(config)
     k_heads, v_heads = layout.kv_heads_per_layer() if layout else ([kv] * layers, [kv] * layers)
     reader = CheckpointReader(folder, allow_pickle)
@@ -30,7 +33,7 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         "key_heads_per_layer": k_heads,
         "value_heads_per_layer": v_heads,
         "head_dim": head_dim,
-        "hidden_size": config["hidden_size"],
+        "hidden_size": shape["hidden_size"],
         "parameters": params,
         "kv_cache_bytes_per_token_bf16": sum(k + v for k, v in zip(k_heads, v_heads)) * head_dim * 2,
         "options": layout.layout_facts(reader.get) if layout else {},
@@ -38,7 +41,35 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
     record = Provenance.load(folder)
     if record is not None and record.source is not None:
         info["source"] = record.source.id
+    elif family is not None:
+        info["family"] = family.title
+        info["if_converted"] = if_converted(heads, kv, layers, head_dim)
     return info
+
+
+def if_converted(heads: int, kv: int, layers: int, head_dim: int) -> dict[str, dict]:
+    """What each layout's conversion of a source with these heads would cache per token (bf16), at typical
+    settings, and what it buys."""
+    per_head = layers * head_dim * 2  # one cached K or V head, every layer, bf16
+    source = 2 * kv * per_head
+    group = heads // kv if kv < heads else min((g for g in range(2, heads + 1) if heads % g == 0), default=1)
+
+    def row(bytes_: int, what: str) -> dict:
+        return {"kv_cache_bytes_per_token_bf16": bytes_, "of_source": round(bytes_ / source, 4), "what": what}
+
+    rows = {
+        "--to mha": row(2 * heads * per_head, "one KV head per query head, the same function"),
+        "--to moh": row(source, "the same KV cache; each token computes only its active heads (3/4 at the default)"),
+    }
+    for budget in sorted({0.5, 1 / kv} - {1.0}, reverse=True):  # DHA keeps at least one KV head per layer
+        if budget >= 1 / kv:
+            rows[f"--to dha --kv-budget {budget:.4g}"] = row(2 * round(budget * layers * kv) * head_dim * 2,
+                                                             "K and V heads fused per layer, where it costs least")
+    if kv == 1:
+        rows["--to dha"] = row(source, "one KV head per layer already: nothing to fuse")
+    rows[f"--to gda --ratio {group}"] = row(source + heads // group * per_head,
+                                            f"a noise key per {group} signal heads: it buys accuracy, not memory")
+    return rows
 
 
 def _stock_layout(heads: int, kv: int) -> str:
@@ -63,8 +94,16 @@ def format_text(info: dict) -> str:
     ]
     if "source" in info:
         lines.append(f"{'converted from':<22}{info['source']}")
+    if "family" in info:
+        lines.append(f"{'source family':<22}{info['family']}")
     for key, value in info["options"].items():
         if isinstance(value, list) and value and isinstance(value[0], list):
             value = " | ".join(",".join(map(str, v)) for v in value)
         lines.append(f"{key.replace('_', ' '):<22}{value}")
+    if "if_converted" in info:
+        lines.append("if converted (KV cache / token, bf16):")
+        width = max(map(len, info["if_converted"]))
+        for flags, row in info["if_converted"].items():
+            lines.append(f"  {flags:<{width}}  {row['kv_cache_bytes_per_token_bf16']:>10,} bytes  "
+                         f"×{row['of_source']:<6g} {row['what']}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from rehead import families
 from rehead.checkpoint import copy_side_files
 from rehead.files import atomic_output
 from rehead.layouts import BY_MODEL_TYPE
@@ -38,6 +39,7 @@ def finish(folder: Path, config: dict, provenance: Provenance, origin: Path | No
         config.update(architectures=[layout.model_class.__name__], auto_map=layout.auto_map)
         for path in layout.files:
             (folder / path.name).write_text(path.read_text())
+    families.write_back(folder, config)  # a stock output of a source family that fuses tensors (Phi-3)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if origin is not None:
         copy_side_files(origin, folder)

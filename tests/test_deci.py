@@ -20,7 +20,7 @@ from rehead.convert import convert
 from rehead.convert.deci import allocate_shared, ffn_mult_for
 from rehead.describe import describe
 from rehead.errors import ReheadError
-from rehead.heads import repeat_heads
+from rehead.families.llama import repeat_heads
 from rehead.layouts.configuration_deci import DeciLMConfig, ffn_mult_to_intermediate_size
 from rehead.layouts.modeling_deci import DeciLMForCausalLM
 

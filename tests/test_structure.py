@@ -42,6 +42,7 @@ def test_layout_files_import_only_torch_and_transformers():
 
 def test_the_core_imports_no_stage_and_no_composition():
     core = [p for p in (ROOT / "rehead").glob("*.py") if p.name != "__main__.py"]  # `python -m rehead` is the CLI
+    core += sorted((ROOT / "rehead" / "families").glob("*.py"))
     assert any(p.name == "checkpoint.py" for p in core)
     for path in core:
         for module in imports(path, "rehead"):

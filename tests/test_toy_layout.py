@@ -94,7 +94,7 @@ def toy(tmp_path, monkeypatch):
 
         def setup(self, source_config):
             super().setup(source_config)
-            from rehead.architectures import llama_config
+            from rehead.families import llama_config
 
             self.config = configuration.ToyConfig(**llama_values(llama_config(source_config)))
             self.config._attn_implementation = "sdpa"
