@@ -32,13 +32,18 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         "head_dim": head_dim,
         "hidden_size": config["hidden_size"],
         "parameters": params,
-        "kv_cache_bytes_per_token_bf16": sum(k + v for k, v in zip(k_heads, v_heads)) * head_dim * 2,
+        "kv_cache_bytes_per_token_bf16": kv_cache_bytes(k_heads, v_heads, head_dim),
         "options": layout.layout_facts(reader.get) if layout else {},
     }
     record = Provenance.load(folder)
     if record is not None and record.source is not None:
         info["source"] = record.source.id
     return info
+
+
+def kv_cache_bytes(key_heads: list[int], value_heads: list[int], head_dim: int) -> int:
+    """KV-cache bytes per token in bf16: 2 bytes × head_dim × (key heads + value heads), summed over the layers."""
+    return 2 * head_dim * (sum(key_heads) + sum(value_heads))
 
 
 def _stock_layout(heads: int, kv: int) -> str:

@@ -6,8 +6,9 @@ from conftest import byte_tokenizer
 
 from rehead.errors import ReheadError
 from rehead.provenance import Provenance
+from rehead.text import mixture, pack
 from rehead.tune import load, tune
-from rehead.tune.data import PackedBlocks, StreamedBlocks, mixture, pack_mixture
+from rehead.tune.data import PackedBlocks, StreamedBlocks
 
 BASE = {"model": "m", "output_dir": "o", "train.max_steps": 3}
 
@@ -49,17 +50,17 @@ def test_self_needs_a_teacher():
 
 def test_blocks_are_drawn_in_proportion_to_the_weights(letters):
     a, b = letters
-    blocks = pack_mixture(byte_tokenizer(), [(a, 3.0), (b, 1.0)], 8, 10)
+    blocks = pack(byte_tokenizer(), {a: 3.0, b: 1.0}, 8, 10)
     assert [origin(x) for x in blocks] == ["a"] * 8 + ["b"] * 2  # 7.5 and 2.5: the remainder to the first
-    assert [origin(x) for x in pack_mixture(byte_tokenizer(), [(a, 1.0), (b, 0.0)], 8, 4)] == ["a"] * 4
+    assert [origin(x) for x in pack(byte_tokenizer(), {a: 1.0, b: 0.0}, 8, 4)] == ["a"] * 4
     # a text shorter than its share is repeated: 400 bytes + EOS hold 50 blocks of 8
-    many = pack_mixture(byte_tokenizer(), [(a, 1.0), (b, 1.0)], 8, 200)
+    many = pack(byte_tokenizer(), {a: 1.0, b: 1.0}, 8, 200)
     assert [origin(x) for x in many].count("b") == 100
 
 
 def test_the_batch_of_a_step_is_a_function_of_seed_and_step(letters):
     a, b = letters
-    blocks = pack_mixture(byte_tokenizer(), [(a, 1.0), (b, 1.0)], 8, 16)
+    blocks = pack(byte_tokenizer(), {a: 1.0, b: 1.0}, 8, 16)
     runs = [PackedBlocks(blocks, seed=3, micro_batch=4, grad_accum=1, world=1) for _ in range(2)]
     later = [runs[0].micro_batches(s, 0)[0] for s in range(4)]
     assert torch.equal(runs[1].micro_batches(3, 0)[0], later[3])  # step 3 without steps 0-2
