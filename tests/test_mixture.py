@@ -1,9 +1,12 @@
-"""Tuning mixtures: ``data.train`` as weighted texts (``self``: the teacher's own samples)."""
+"""Mixtures of texts: ``data.train`` and ``--calib`` as weighted texts (``self``: the teacher's own samples)."""
+
+import re
 
 import pytest
 import torch
 from conftest import byte_tokenizer
 
+from rehead import text
 from rehead.errors import ReheadError
 from rehead.provenance import Provenance
 from rehead.text import mixture, pack
@@ -29,6 +32,38 @@ def test_the_forms_of_a_mixture():
     assert mixture("shakespeare") == [("shakespeare", 1.0)]
     assert mixture("shakespeare, pydoc") == mixture(["shakespeare", "pydoc"]) == [("shakespeare", 1.0), ("pydoc", 1.0)]
     assert mixture({"shakespeare": 2, "self": 0.5}) == [("shakespeare", 2.0), ("self", 0.5)]
+
+
+def test_one_syntax_gives_weights_in_a_string_too():
+    assert mixture("shakespeare=2, self=0.5") == mixture(["shakespeare=2", "self=0.5"]) == [("shakespeare", 2.0),
+                                                                                            ("self", 0.5)]
+    assert mixture("shakespeare=2,pydoc") == [("shakespeare", 2.0), ("pydoc", 1.0)]  # no weight: 1
+    assert mixture("runs/a=b.txt") == [("runs/a=b.txt", 1.0)]  # what follows '=' is no number: part of the name
+    assert load(None, [], {**BASE, "data.train": "shakespeare=3,pydoc"}).data.train == "shakespeare=3,pydoc"
+
+
+@pytest.mark.parametrize("calib, message", [
+    ("shakespeare=-1", "--calib 'shakespeare=-1': the weight of 'shakespeare' is -1; weights must be 0 or more"),
+    ("shakespeare=0,pydoc=0", "--calib 'shakespeare=0,pydoc=0': the weights sum to 0"),
+    ("=2", "--calib '=2': an entry of '=2' names no text"),
+    (" , ", "--calib ' , ': names no text"),
+])
+def test_a_calibration_mixture_is_checked_as_the_options_are(calib, message):
+    from rehead.convert import options_for
+
+    assert options_for({"to": "moh", "calib": "shakespeare=2,pydoc"}).calib == "shakespeare=2,pydoc"
+    with pytest.raises(ReheadError, match=re.escape(message)):
+        options_for({"to": "moh", "calib": calib})
+
+
+def test_weights_share_the_calibration_tokens_and_the_training_blocks(letters):
+    a, b = letters
+    tok = byte_tokenizer()
+    ids = text.token_ids(tok, f"{a}=2,{b}", 10)
+    assert [tok.decode(i) for i in ids] == ["a"] * 7 + ["b"] * 3  # 6.67 and 3.33: the remainder to the first
+    assert torch.equal(text.token_ids(tok, f"{a}=1,{b}=1", 9), text.token_ids(tok, f"{a},{b}", 9))
+    assert torch.equal(pack(tok, f"{a}=3,{b}", 8, 10), pack(tok, {a: 3.0, b: 1.0}, 8, 10))
+    assert [origin(x) for x in pack(tok, f"{a}=3,{b}", 8, 10)] == ["a"] * 8 + ["b"] * 2
 
 
 @pytest.mark.parametrize("train, message", [
