@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from rehead import families, text
 from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
+from rehead.describe import kv_cache_bytes
 from rehead.errors import ReheadError
 from rehead.families.llama import LAYER_RE, head_dim_of
 from rehead.files import atomic_output, check_output
@@ -369,7 +370,7 @@ def provenance(job: SourceReader, options: ConvertOptions, rewriter: Rewriter, h
         source=SourceRecord(
             id=job.source.id, revision=job.source.revision, files=hashes,
             **card_metadata(job.source.path, job.source.id), query_heads=llama.num_attention_heads,
-            kv_cache_bytes_per_token_bf16=(sum(keys) + sum(values)) * head_dim_of(job.config) * 2,
+            kv_cache_bytes_per_token_bf16=kv_cache_bytes(keys, values, head_dim_of(job.config)),
         ),
         options=options.model_dump(exclude={"overwrite", "device"}, by_alias=True),
         calibration=None if ids is None else CalibrationRecord(

@@ -6,11 +6,12 @@ rehead.json and the command line, whose flags are built from the models' fields.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rehead.errors import ReheadError
+from rehead import text
+from rehead.errors import ReheadError, invalid
+from rehead.models import DTYPES
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CALIBRATION = {"group": "calibration"}
 
 
@@ -22,7 +23,8 @@ class ConvertOptions(BaseModel):
         "shakespeare,pydoc", json_schema_extra=CALIBRATION,  # measured best across the held-out kinds (BENCHMARKS.md)
         description="calibration text: a built-in name (shakespeare, pydoc; self: text sampled from the source "
                     "model on --device, cached), files or folders, or a datasets id ID[:CONFIG][@SPLIT][#COLUMN]; "
-                    "several joined with commas share the token budget")
+                    "several joined with commas share the token budget, equally or by an optional =WEIGHT each "
+                    "(shakespeare=2,pydoc)")
     calib_seed: int = Field(0, json_schema_extra=CALIBRATION, description="seed of the text --calib self samples")
     calib_tokens: int = Field(8192, gt=0, json_schema_extra=CALIBRATION, description="calibration tokens")
     calib_seq_len: int = Field(512, gt=1, json_schema_extra=CALIBRATION, description="calibration sequence length")
@@ -33,10 +35,16 @@ class ConvertOptions(BaseModel):
     revision: str | None = Field(None, description="hub revision of SRC (branch, tag or commit)")
     tokenizer: str | None = Field(None, description="take the tokenizer from this checkpoint or hub id")
     allow_pickle: bool = Field(False, description="read pickled .bin weights (with torch.load(weights_only=True))")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="output dtype (auto: the source's)")
+    dtype: Literal[("auto", *DTYPES)] = Field("auto", description="output dtype (auto: the source's)")
     device: str = Field("cpu", description="where calibration runs: cpu, cuda, cuda:1")
     overwrite: bool = Field(False, description="replace OUT if it exists")
     max_shard_gb: float = Field(2.0, gt=0, description="largest output shard in GiB")
+
+    @field_validator("calib")
+    @classmethod
+    def _mixture(cls, value: str) -> str:
+        text.mixture(value)
+        return value
 
     @classmethod
     def own_fields(cls) -> dict:
@@ -50,17 +58,8 @@ def flag(name: str) -> str:
 
 def options_error(error: ValidationError) -> ReheadError:
     """A ValidationError as the user's flags: ``--kv-budget 1.5: must be in (0, 1]``."""
-    parts = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        if not item["loc"]:  # a check across options says which flags it is about itself
-            parts.append(message)
-            continue
-        name = str(item["loc"][0])
-        if item["type"] == "extra_forbidden":
-            message = "not an option of this layout"
-        parts.append(f"{flag(name)} {item.get('input')!r}: {message}")
-    return ReheadError("; ".join(parts))
+    return ReheadError(invalid(error, name=lambda loc: flag(str(loc[0])), unknown="not an option of this layout",
+                               as_typed=True))
 
 
 def head_count(value: float, heads: int, flag: str) -> int:

@@ -35,7 +35,7 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         "head_dim": head_dim,
         "hidden_size": shape["hidden_size"],
         "parameters": params,
-        "kv_cache_bytes_per_token_bf16": sum(k + v for k, v in zip(k_heads, v_heads)) * head_dim * 2,
+        "kv_cache_bytes_per_token_bf16": kv_cache_bytes(k_heads, v_heads, head_dim),
         "options": layout.layout_facts(reader.get) if layout else {},
     }
     record = Provenance.load(folder)
@@ -70,6 +70,11 @@ def if_converted(heads: int, kv: int, layers: int, head_dim: int) -> dict[str, d
     rows[f"--to gda --ratio {group}"] = row(source + heads // group * per_head,
                                             f"a noise key per {group} signal heads: it buys accuracy, not memory")
     return rows
+
+
+def kv_cache_bytes(key_heads: list[int], value_heads: list[int], head_dim: int) -> int:
+    """KV-cache bytes per token in bf16: 2 bytes × head_dim × (key heads + value heads), summed over the layers."""
+    return 2 * head_dim * (sum(key_heads) + sum(value_heads))
 
 
 def _stock_layout(heads: int, kv: int) -> str:

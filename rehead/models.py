@@ -7,7 +7,7 @@ from rehead.checkpoint import read_config
 from rehead.errors import ReheadError
 from rehead.sources import resolve
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # rehead's dtype names: torch's
 
 
 def load(spec: str, dtype: str = "fp32", device: str = "cpu", attn: str = "sdpa", revision: str | None = None):
@@ -16,7 +16,7 @@ def load(spec: str, dtype: str = "fp32", device: str = "cpu", attn: str = "sdpa"
     read_config(source.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=DTYPES[dtype], attn_implementation=attn, trust_remote_code=False
+            source.path, dtype=getattr(torch, DTYPES[dtype]), attn_implementation=attn, trust_remote_code=False
         )
     except (OSError, ValueError, KeyError) as e:
         raise ReheadError(f"{spec}: could not be loaded as a causal LM ({type(e).__name__}: {e})") from None

@@ -1,13 +1,17 @@
-"""Tuning mixtures: ``data.train`` as weighted texts (``self``: the teacher's own samples)."""
+"""Mixtures of texts: ``data.train`` and ``--calib`` as weighted texts (``self``: the teacher's own samples)."""
+
+import re
 
 import pytest
 import torch
 from conftest import byte_tokenizer
 
+from rehead import text
 from rehead.errors import ReheadError
 from rehead.provenance import Provenance
+from rehead.text import mixture, pack
 from rehead.tune import load, tune
-from rehead.tune.data import PackedBlocks, StreamedBlocks, mixture, pack_mixture
+from rehead.tune.data import PackedBlocks, StreamedBlocks
 
 BASE = {"model": "m", "output_dir": "o", "train.max_steps": 3}
 
@@ -30,6 +34,38 @@ def test_the_forms_of_a_mixture():
     assert mixture({"shakespeare": 2, "self": 0.5}) == [("shakespeare", 2.0), ("self", 0.5)]
 
 
+def test_one_syntax_gives_weights_in_a_string_too():
+    assert mixture("shakespeare=2, self=0.5") == mixture(["shakespeare=2", "self=0.5"]) == [("shakespeare", 2.0),
+                                                                                            ("self", 0.5)]
+    assert mixture("shakespeare=2,pydoc") == [("shakespeare", 2.0), ("pydoc", 1.0)]  # no weight: 1
+    assert mixture("runs/a=b.txt") == [("runs/a=b.txt", 1.0)]  # what follows '=' is no number: part of the name
+    assert load(None, [], {**BASE, "data.train": "shakespeare=3,pydoc"}).data.train == "shakespeare=3,pydoc"
+
+
+@pytest.mark.parametrize("calib, message", [
+    ("shakespeare=-1", "--calib 'shakespeare=-1': the weight of 'shakespeare' is -1; weights must be 0 or more"),
+    ("shakespeare=0,pydoc=0", "--calib 'shakespeare=0,pydoc=0': the weights sum to 0"),
+    ("=2", "--calib '=2': an entry of '=2' names no text"),
+    (" , ", "--calib ' , ': names no text"),
+])
+def test_a_calibration_mixture_is_checked_as_the_options_are(calib, message):
+    from rehead.convert import options_for
+
+    assert options_for({"to": "moh", "calib": "shakespeare=2,pydoc"}).calib == "shakespeare=2,pydoc"
+    with pytest.raises(ReheadError, match=re.escape(message)):
+        options_for({"to": "moh", "calib": calib})
+
+
+def test_weights_share_the_calibration_tokens_and_the_training_blocks(letters):
+    a, b = letters
+    tok = byte_tokenizer()
+    ids = text.token_ids(tok, f"{a}=2,{b}", 10)
+    assert [tok.decode(i) for i in ids] == ["a"] * 7 + ["b"] * 3  # 6.67 and 3.33: the remainder to the first
+    assert torch.equal(text.token_ids(tok, f"{a}=1,{b}=1", 9), text.token_ids(tok, f"{a},{b}", 9))
+    assert torch.equal(pack(tok, f"{a}=3,{b}", 8, 10), pack(tok, {a: 3.0, b: 1.0}, 8, 10))
+    assert [origin(x) for x in pack(tok, f"{a}=3,{b}", 8, 10)] == ["a"] * 8 + ["b"] * 2
+
+
 @pytest.mark.parametrize("train, message", [
     ({"shakespeare": 0, "pydoc": 0}, r"data\.train: the weights sum to 0; give at least one positive weight"),
     ({"shakespeare": 1, "pydoc": -1}, r"data\.train: the weight of 'pydoc' is -1; weights must be 0 or more"),
@@ -49,17 +85,17 @@ def test_self_needs_a_teacher():
 
 def test_blocks_are_drawn_in_proportion_to_the_weights(letters):
     a, b = letters
-    blocks = pack_mixture(byte_tokenizer(), [(a, 3.0), (b, 1.0)], 8, 10)
+    blocks = pack(byte_tokenizer(), {a: 3.0, b: 1.0}, 8, 10)
     assert [origin(x) for x in blocks] == ["a"] * 8 + ["b"] * 2  # 7.5 and 2.5: the remainder to the first
-    assert [origin(x) for x in pack_mixture(byte_tokenizer(), [(a, 1.0), (b, 0.0)], 8, 4)] == ["a"] * 4
+    assert [origin(x) for x in pack(byte_tokenizer(), {a: 1.0, b: 0.0}, 8, 4)] == ["a"] * 4
     # a text shorter than its share is repeated: 400 bytes + EOS hold 50 blocks of 8
-    many = pack_mixture(byte_tokenizer(), [(a, 1.0), (b, 1.0)], 8, 200)
+    many = pack(byte_tokenizer(), {a: 1.0, b: 1.0}, 8, 200)
     assert [origin(x) for x in many].count("b") == 100
 
 
 def test_the_batch_of_a_step_is_a_function_of_seed_and_step(letters):
     a, b = letters
-    blocks = pack_mixture(byte_tokenizer(), [(a, 1.0), (b, 1.0)], 8, 16)
+    blocks = pack(byte_tokenizer(), {a: 1.0, b: 1.0}, 8, 16)
     runs = [PackedBlocks(blocks, seed=3, micro_batch=4, grad_accum=1, world=1) for _ in range(2)]
     later = [runs[0].micro_batches(s, 0)[0] for s in range(4)]
     assert torch.equal(runs[1].micro_batches(3, 0)[0], later[3])  # step 3 without steps 0-2

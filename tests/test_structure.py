@@ -1,4 +1,5 @@
-"""The boundaries of DESIGN.md, as tests: who may import whom, and no function longer than a screen or two."""
+"""The boundaries README.md's "How it is built" names, as tests: who may import whom, no function longer than a
+screen or two, and a README that documents every flag of every command."""
 
 import ast
 import re
@@ -70,14 +71,29 @@ def test_no_function_outside_the_tests_is_longer_than_80_lines():
     assert not long, "split into named steps: " + "; ".join(long)
 
 
-def test_the_readme_documents_every_convert_flag():
-    from rehead.convert import CONVERTERS, ConvertOptions
-    from rehead.convert.options import flag
+def command_sections(readme: str) -> dict[str, str]:
+    """README's section of each command: from its heading (### `rehead NAME ...`) to the next heading."""
+    return {m[1]: m[0] for m in re.finditer(r"^### `rehead ([\w-]+).*?(?=^##|\Z)", readme, re.M | re.S)}
+
+
+def named(option: str, text: str) -> bool:
+    return re.search(re.escape(option) + r"(?![\w-])", text) is not None  # --calib is not named by --calib-seed
+
+
+def test_the_readme_documents_every_flag_of_every_command():
+    import argparse
+
+    from rehead.app.cli import build_parser
 
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### `rehead convert"):readme.index("### `rehead tune")]
-    names = set(ConvertOptions.model_fields) - {"to"}
-    for converter in CONVERTERS.values():
-        names |= set(converter.Options.own_fields())
-    missing = sorted(flag(name) for name in names if not re.search(re.escape(flag(name)) + r"(?![\w-])", table))
-    assert not missing, f"README's convert table lacks {missing}"
+    sections = command_sections(readme)
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [f"rehead {name}: no section" for name in commands.choices if name not in sections]
+    for name, command in commands.choices.items():
+        options = {o for action in command._actions for o in action.option_strings if o.startswith("--")}
+        missing += [f"rehead {name} {o}" for o in sorted(options - {"--help"}) if not named(o, sections.get(name, ""))]
+    overview = readme[readme.index("## What it does"):readme.index("### `rehead")]
+    options = {o for action in parser._actions for o in action.option_strings}
+    missing += [f"rehead {o}" for o in sorted(options - {"-h", "--help"}) if not named(o, overview)]
+    assert not missing, f"README lacks {missing}"

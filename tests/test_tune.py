@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from rehead.convert import convert
 from rehead.errors import ReheadError
+from rehead.text import pack
 from rehead.tune import load, tune
-from rehead.tune.data import PackedBlocks, StreamedBlocks, pack
+from rehead.tune.data import PackedBlocks, StreamedBlocks
 from rehead.tune.loop import lr_factor
 from rehead.tune.losses import Objective
 

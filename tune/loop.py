@@ -31,8 +31,8 @@ from rehead.provenance import EvalPoint, Provenance, TuneRecord
 from rehead.sampled import Sampler
 from rehead.sources import resolve
 
-from .data import PackedBlocks, StreamedBlocks, mixture, pack_mixture
-from .losses import Objective
+from .data import PackedBlocks, StreamedBlocks
+from .losses import Objective, unwrapped
 from .meter import CSVTracker, detect_peak_tflops, flops_per_token, peak_memory_bytes
 from .recipe import Recipe
 
@@ -45,8 +45,7 @@ def compile_layers(model) -> None:
     """Regional compilation: torch.compile each decoder layer in place. The layers share their code, so one
     compiled graph serves them all and compiling costs one layer's time, not the model's. (MoH's layers hold
     different head lists, which dynamo guards as constants: they recompile per layer up to its limit.)"""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in base.get_decoder().layers:
+    for layer in unwrapped(model).get_decoder().layers:
         layer.compile()
 
 
@@ -75,7 +74,7 @@ def lr_factor(recipe: Recipe, total: int):
 
 def select_trainable(model, mode: str, lora: bool) -> list[str]:
     """Sets requires_grad by ``trainable``; returns the names of the trainable parameters."""
-    base = model.get_base_model() if lora else model
+    base = unwrapped(model)
     if mode == "new":
         patterns = getattr(type(base), "_rehead_new_parameters", None)
         if not patterns:
@@ -174,9 +173,8 @@ class Trainer:
 
     def _data(self, tokenizer, total_steps: int | None):
         r, world = self.recipe, self.acc.num_processes
-        parts = mixture(r.data.train)
         sampler = None
-        if any(spec == "self" for spec, _ in parts):  # the teacher's own text, sampled once by the main process
+        if "self" in text.parts(r.data.train):  # the teacher's own text, sampled once by the main process
             teacher = resolve(r.teacher).path
             sampler = Sampler(teacher, AutoTokenizer.from_pretrained(teacher), str(self.device), r.seed)
         with self.acc.main_process_first():
@@ -185,7 +183,7 @@ class Trainer:
                                        r.train.micro_batch, r.train.grad_accum, world, sampler)
             else:
                 per_step = r.train.micro_batch * r.train.grad_accum * world
-                train = PackedBlocks(pack_mixture(tokenizer, parts, r.data.seq_len, total_steps * per_step, sampler),
+                train = PackedBlocks(text.pack(tokenizer, r.data.train, r.data.seq_len, total_steps * per_step, sampler),
                                      r.seed, r.train.micro_batch, r.train.grad_accum, world)
         held = None
         if r.data.eval is not None:
@@ -273,7 +271,7 @@ class Trainer:
             model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
                                                      target_modules=r.lora.target_modules, task_type="CAUSAL_LM"))
         self.trainable = select_trainable(model, r.trainable, r.lora is not None)
-        self.flops = flops_per_token(model.get_base_model() if r.lora else model, r.data.seq_len)
+        self.flops = flops_per_token(unwrapped(model), r.data.seq_len)
         decay, no_decay = [], []
         for param in model.parameters():
             if param.requires_grad:

@@ -12,6 +12,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft (LoRA) wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _chunk_terms(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, teacher_head: nn.Module | None,
                  teacher_hidden: torch.Tensor | None, temperature: float, want_kd: bool) -> torch.Tensor:
     logits = head(hidden).float()
@@ -46,13 +51,13 @@ class Objective(nn.Module):
     @staticmethod
     def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         """(the decoder stack, the LM head) of a causal LM, through a peft wrapper if there is one."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrapped(model)
         return base.get_decoder(), base.get_output_embeddings()
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Sums over the predicted tokens of the block: {"lm", "kd", "layout" (means), "loss", "tokens"}."""
         decoder, head = self._parts(self.student)
-        base = self.student.get_base_model() if hasattr(self.student, "get_base_model") else self.student
+        base = unwrapped(self.student)
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
         labels = input_ids[:, 1:].flatten()
         want_kd = self.kd > 0 and self.teacher is not None

@@ -14,9 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rehead.errors import ReheadError
-
-from .data import mixture
+from rehead import text
+from rehead.errors import ReheadError, invalid
 
 
 class Section(BaseModel):
@@ -24,11 +23,13 @@ class Section(BaseModel):
 
 
 class Data(Section):
-    train: str | list[str] | dict[str, float] = Field(
-        "shakespeare", description="training text: a text spec (built-in name, local files/folder, datasets id; "
-                                   "self: text sampled from the teacher), or a mixture of them: a mapping "
-                                   "{text: weight}, a list or a comma-joined spec (equal weights)")
-    eval: str | None = Field("shakespeare-heldout", description="held-out text for eval perplexity (null: none)")
+    train: text.Mixture = Field(
+        "shakespeare", description="training text: a text (built-in name, local files/folder, datasets id; "
+                                   "self: text sampled from the teacher), or a mixture of them: texts joined with "
+                                   "commas, each with an optional =WEIGHT, a list of them, or a mapping "
+                                   "{text: weight} (no weights: equal ones)")
+    eval: text.Mixture | None = Field("shakespeare-heldout",
+                                      description="held-out text for eval perplexity, a text or a mixture (null: none)")
     seq_len: int = Field(512, gt=1, description="tokens per packed block")
     eval_tokens: int = Field(16384, gt=0, description="tokens of held-out text scored at each evaluation")
     streaming: bool = Field(
@@ -36,10 +37,11 @@ class Data(Section):
     )
     shuffle_buffer: int = Field(1024, gt=0, description="blocks in the shuffle buffer when streaming")
 
-    @field_validator("train")
+    @field_validator("train", "eval")
     @classmethod
     def _mixture(cls, value):
-        mixture(value)
+        if value is not None:
+            text.mixture(value)
         return value
 
 
@@ -117,7 +119,7 @@ class Recipe(Section):
             raise ValueError("loss.kd > 0 needs a teacher (the original checkpoint)")
         if self.loss.lm == 0 and self.loss.kd == 0:
             raise ValueError("loss.lm and loss.kd are both 0: nothing to train on")
-        if self.teacher is None and any(spec == "self" for spec, _ in mixture(self.data.train)):
+        if self.teacher is None and "self" in text.parts(self.data.train):
             raise ValueError("data.train: 'self' is text sampled from the teacher; give a teacher (the original "
                              "checkpoint) or other texts")
         return self
@@ -136,21 +138,6 @@ def _set(tree: dict, dotted: str, value) -> None:
             raise ReheadError(f"override {dotted}={value!r}: {key} is not a section")
         tree = node
     tree[keys[-1]] = value
-
-
-def _message(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "recipe"
-        if item["type"] == "extra_forbidden":
-            parts.append(f"{key}: unknown key")
-        elif item["type"] == "missing":
-            parts.append(f"{key}: missing (required)")
-        elif not item["loc"]:  # a check across sections names its keys itself
-            parts.append(item["msg"].removeprefix("Value error, "))
-        else:
-            parts.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
-    return "; ".join(parts)
 
 
 def builtin_recipes() -> dict:
@@ -195,12 +182,13 @@ def load(path: str | Path | None, overrides: list[str] = (), values: dict | None
     for key, value in (values or {}).items():
         _set(tree, key, value)
     for item in overrides:
-        key, eq, text = item.partition("=")
+        key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ReheadError(f"override {item!r}: write KEY=VALUE, e.g. optim.lr=1e-5")
-        _set(tree, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        _set(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as e:
         where = f"recipe {path}" if path else "recipe"
-        raise ReheadError(f"{where}: {_message(e)}") from None
+        message = invalid(e, name=lambda loc: ".".join(map(str, loc)), unknown="unknown key")
+        raise ReheadError(f"{where}: {message}") from None
