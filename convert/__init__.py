@@ -1,8 +1,8 @@
 """rehead.convert: a source checkpoint rewritten into a target head layout, layer by layer.
 
-A layout's conversion is one module (its options model and its Rewriter) and one ``register`` line;
-an output format other than the layout's own (``--export deci``) is one module and one
-``register_export`` line.
+A layout's conversion is one module (its options model and its Rewriter, convert/rewriter.py) and
+one ``register`` line; a second rewriter of a layout, chosen by its options (an output format such as
+``--export deci``, GDA's ``--grow-signal``), is one module and one ``register_variant`` line.
 """
 
 from pathlib import Path
@@ -13,15 +13,16 @@ from rehead.errors import ReheadError
 
 from .deci import DeciRewriter
 from .dha import DHARewriter
-from .engine import Rewriter
 from .engine import convert as run
 from .gda import GDARewriter
+from .gda_growth import GDAGrowthRewriter
 from .mha import MHARewriter
 from .moh import MoHRewriter
 from .options import ConvertOptions, options_error
+from .rewriter import Rewriter
 
-CONVERTERS: dict[str, type[Rewriter]] = {}
-EXPORTS: dict[str, type[Rewriter]] = {}  # --export NAME: the rewriter that writes that format
+CONVERTERS: dict[str, type[Rewriter]] = {}  # --to NAME: the layout's rewriter, whose options are its flags
+VARIANTS: dict[str, list[type[Rewriter]]] = {}  # --to NAME: rewriters its options may choose instead
 
 
 def register(rewriter: type[Rewriter]) -> type[Rewriter]:
@@ -30,19 +31,18 @@ def register(rewriter: type[Rewriter]) -> type[Rewriter]:
     return rewriter
 
 
+def register_variant(rewriter: type[Rewriter]) -> type[Rewriter]:
+    """Makes ``rewriter`` convert ``--to rewriter.layout`` where its ``chosen(options)`` says so."""
+    VARIANTS.setdefault(rewriter.layout, []).append(rewriter)
+    return rewriter
+
+
 register(MHARewriter)
 register(MoHRewriter)
 register(DHARewriter)
 register(GDARewriter)
-
-
-def register_export(rewriter: type[Rewriter]) -> type[Rewriter]:
-    """Makes ``rewriter.export`` a value of ``--export`` for ``--to rewriter.layout``."""
-    EXPORTS[rewriter.export] = rewriter
-    return rewriter
-
-
-register_export(DeciRewriter)
+register_variant(DeciRewriter)
+register_variant(GDAGrowthRewriter)
 
 
 def options_for(values: dict) -> ConvertOptions:
@@ -56,15 +56,16 @@ def options_for(values: dict) -> ConvertOptions:
         raise options_error(e) from None
 
 
+def rewriter_for(options: ConvertOptions) -> type[Rewriter]:
+    """The rewriter that converts with ``options``: a variant that chooses them, else the layout's own."""
+    return next((v for v in VARIANTS.get(options.to, ()) if v.chosen(options)), CONVERTERS[options.to])
+
+
 def convert(source: str, out: str | Path, options: ConvertOptions | None = None, **values) -> Path:
     """Converts ``source`` (built-in name, folder or hub id) into ``out``; options as a model or keywords."""
     options = options or options_for(values)
-    export = getattr(options, "export", None)
-    rewriter = EXPORTS[export] if export is not None else CONVERTERS[options.to]
-    if rewriter.layout != options.to:
-        raise ReheadError(f"--export {export} writes a {rewriter.layout.upper()} conversion: use --to "
-                          f"{rewriter.layout}, or drop --export for --to {options.to}")
-    return run(source, Path(out), options, rewriter(options))
+    return run(source, Path(out), options, rewriter_for(options))
 
 
-__all__ = ["CONVERTERS", "EXPORTS", "ConvertOptions", "convert", "options_for", "register", "register_export"]
+__all__ = ["CONVERTERS", "VARIANTS", "ConvertOptions", "convert", "options_for", "register", "register_variant",
+           "rewriter_for"]

@@ -21,9 +21,10 @@ from rehead import families
 from rehead.errors import ReheadError
 from rehead.layouts.configuration_deci import DeciLMConfig, ffn_mult_to_intermediate_size
 
-from .dha import DHARewriter, Probe
-from .engine import LayerInput, llama_values
+from .dha import Allotment, DHALayerPlan, DHARewriter
+from .dha_planning import LayerCurves, shared_curves
 from .options import ConvertOptions
+from .rewriter import LayerInput, llama_values
 
 log = logging.getLogger("rehead.convert")
 
@@ -108,8 +109,11 @@ class DeciRewriter(DHARewriter):
 
     export = "deci"
 
-    def __init__(self, options: ConvertOptions):
-        super().__init__(options)
+    @classmethod
+    def chosen(cls, options: ConvertOptions) -> bool:
+        return options.export == cls.export
+
+    def __init__(self, options: ConvertOptions, source_config: dict):
         if options.uniform:
             raise ReheadError(
                 "--uniform writes a stock Llama checkpoint (one KV head count for every layer), which every server "
@@ -120,10 +124,9 @@ class DeciRewriter(DHARewriter):
                 f"--k-budget {options.k_budget} and --v-budget {options.v_budget}: --export deci groups K and V alike "
                 "in every layer, so they keep the same number of heads; give --kv-budget F"
             )
-
-    def setup(self, source_config: dict) -> None:
         self.ffn_mult = check_source(source_config)
-        super().setup(source_config)
+        super().__init__(options, source_config)
+        self.shared = True
         o = self.options  # one budget: --kv-budget, or --k-budget and --v-budget alike (unset is 1)
         budget = min(b for b in (o.kv_budget, o.k_budget, o.v_budget, 1.0) if b is not None)
         self.target = math.floor(budget * self.layers * self.kv + 1e-9)
@@ -133,34 +136,23 @@ class DeciRewriter(DHARewriter):
             )
         self.counts = [n for n in range(1, self.kv + 1) if self.kv % n == 0]
 
-    @property
-    def shared(self) -> bool:
-        return True
-
-    def observe_layer(self, layer: LayerInput) -> None:
+    def observe_layer(self, layer: LayerInput) -> LayerCurves:
         """Each layer's error curve over the KV head counts the format allows, K and V sharing the groups."""
-        fusion = self.fusion(layer)
-        probe = Probe.of(layer)
-        mean = self.options.fusion == "mean"
-        curve = {self.kv: 0.0}
-        for count in self.counts[:-1]:
-            groups = self.shared_groups(fusion, count)
-            curve[count] = self.probe_error(probe, layer.index, fusion, groups, groups, mean, permute=True)
-        self.curves[(layer.index, "kv")] = curve
-        self.observe_similarity(layer.index, fusion)
+        return shared_curves(self.assembly, layer, self.counts[:-1], self.mean)
 
-    def plan_budget(self) -> None:
-        counts = allocate_shared({layer: self.curves[(layer, "kv")] for layer in range(self.layers)}, self.target)
-        self.per_layer = [(counts[layer], counts[layer]) for layer in range(self.layers)]
+    def allot(self, observations: list[LayerCurves]) -> list[Allotment]:
+        counts = allocate_shared({index: measured.curves["kv"] for index, measured in enumerate(observations)},
+                                 self.target)
         kept = sum(counts.values())
         if kept < self.target:
             log.info("--export deci keeps %d of the %d KV heads the budget allows (%.4g of the source's): each "
                      "layer's count divides %d", kept, self.target, kept / (self.layers * self.kv), self.kv)
+        return [Allotment(counts[index], counts[index], measured) for index, measured in enumerate(observations)]
 
-    def target_config(self) -> dict:
-        blocks = [{"attention": {"n_heads_in_group": self.heads // keys}, "ffn": {"ffn_mult": self.ffn_mult}}
-                  for keys, _ in self.per_layer]
+    def target_config(self, plans: list[DHALayerPlan]) -> dict:
+        blocks = [{"attention": {"n_heads_in_group": self.heads // len(plan.grouping.key_groups)},
+                   "ffn": {"ffn_mult": self.ffn_mult}} for plan in plans]
         return DeciLMConfig(**llama_values(self.llama), block_configs=blocks).to_dict()
 
-    def plan(self) -> dict:
-        return {**super().plan(), "export": self.export, "budget_heads": self.target}
+    def summary(self, plans: list[DHALayerPlan]) -> dict:
+        return {**super().summary(plans), "export": self.export, "budget_heads": self.target}

@@ -4,8 +4,8 @@ from typing import Literal
 
 from rehead.families.llama import mha_config, repeat_kv_weights
 
-from .engine import LayerInput, Rewriter
 from .options import ConvertOptions
+from .rewriter import LayerInput, Rewriter, Rewritten
 
 
 class MHAOptions(ConvertOptions):
@@ -16,8 +16,8 @@ class MHARewriter(Rewriter):
     layout = "mha"
     Options = MHAOptions
 
-    def rewrite_layer(self, layer: LayerInput):
-        return repeat_kv_weights(layer.tensors, self.source_config)
+    def rewrite_layer(self, layer: LayerInput) -> Rewritten:
+        return Rewritten(repeat_kv_weights(layer.tensors, self.source_config))
 
-    def target_config(self) -> dict:
+    def target_config(self, plans: list) -> dict:
         return mha_config(self.source_config)

@@ -14,6 +14,7 @@ token's standardised log-contributions, scaled by ``ROUTER_SCALE`` so that the s
 near uniform: the gates start near 1 and the top-k order is the fit's.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,8 +25,8 @@ from rehead.errors import ReheadError
 from rehead.layouts.configuration_moh import MoHConfig
 from rehead.layouts.modeling_moh import MoHDecoderLayer
 
-from .engine import LayerInput, Rewriter, build_layer, head_statistics, llama_values
-from .options import ConvertOptions, check_head_value, head_count
+from .options import ConvertOptions, check_head_value, flag, head_count
+from .rewriter import LayerInput, Rewriter, Rewritten, build_layer, head_statistics, llama_values
 
 ROUTER_SCALE = 0.02
 RIDGE = 1e-3
@@ -79,7 +80,13 @@ class MoHOptions(ConvertOptions):
     @field_validator("active_heads", "shared_heads")
     @classmethod
     def _count_or_fraction(cls, value: float, info) -> float:
-        return check_head_value(value, "--" + info.field_name.replace("_", "-"))
+        return check_head_value(value, flag(info.field_name))
+
+
+@dataclass
+class MoHLayerPlan:
+    shared: list[int]  # the layer's always-on heads
+    kept_energy: float | None  # on calibration text: the share of head-output energy the router keeps
 
 
 class MoHRewriter(Rewriter):
@@ -87,8 +94,8 @@ class MoHRewriter(Rewriter):
     Options = MoHOptions
     preset = dict(router="learned")  # 7 of 9 heads per token on SmolLM2, 4 of them shared
 
-    def setup(self, source_config: dict) -> None:
-        super().setup(source_config)
+    def __init__(self, options: MoHOptions, source_config: dict):
+        super().__init__(options, source_config)
         heads = self.heads
         self.active = head_count(self.options.active_heads, heads, "--active-heads")
         n_shared = head_count(self.options.shared_heads, heads, "--shared-heads")
@@ -106,33 +113,27 @@ class MoHRewriter(Rewriter):
             )
         self.n_shared = n_shared
         self.routing = self.active < heads
-        self.shared: list[list[int]] = []
-        self.kept: list[float] = []
+        self.needs_calibration = self.routing and (options.shared == "calibrated" or options.router == "learned")
 
-    @property
-    def needs_calibration(self) -> bool:
-        return self.routing and (self.options.shared == "calibrated" or self.options.router == "learned")
-
-    def config(self, shared: list[list[int]]) -> MoHConfig:
-        values = llama_values(self.llama)
-        layers = self.llama.num_hidden_layers
+    def config(self, shared: dict[int, list[int]]) -> MoHConfig:
+        """The MoH config with these layers' shared heads (the others none)."""
         config = MoHConfig(
-            **values,
+            **llama_values(self.llama),
             moh_active_heads=self.active,
-            moh_shared_heads=shared + [[] for _ in range(layers - len(shared))],
+            moh_shared_heads=[shared.get(index, []) for index in range(self.layers)],
             moh_router=self.options.router,
             moh_gate_gradient=self.options.gate_gradient,
         )
         config._attn_implementation = "sdpa"
         return config
 
-    def rewrite_layer(self, layer: LayerInput) -> dict[str, torch.Tensor]:
+    def rewrite_layer(self, layer: LayerInput) -> Rewritten:
         tensors = dict(layer.tensors)
         hidden = self.llama.hidden_size
         tensors = families.with_o_proj_bias(tensors, self.llama)
         top_k = self.active - self.n_shared
         learned = self.options.router == "learned"
-        routers = {}
+        routers, kept = {}, None
         if self.needs_calibration:
             inputs, norms, energy = head_statistics(layer)
             scores = energy if learned else norms  # the learned router is fitted to the energies next
@@ -140,7 +141,7 @@ class MoHRewriter(Rewriter):
                 shared = choose_shared(scores, energy, self.n_shared, top_k)
             else:
                 shared = list(range(self.n_shared))
-            self.kept.append(1 - (dropped_energy(scores, energy, shared, top_k) / energy.sum()).item())
+            kept = 1 - (dropped_energy(scores, energy, shared, top_k) / energy.sum()).item()
             if learned:
                 routed = [h for h in range(self.heads) if h not in shared]
                 routers["router_routed"] = fit_router(inputs, energy[:, routed])
@@ -152,22 +153,22 @@ class MoHRewriter(Rewriter):
                 routers["router_shared"] = torch.zeros(len(shared), hidden)
                 routers["router_mix"] = torch.zeros(2, hidden)
         tensors.update({f"self_attn.{name}.weight": w.cpu() for name, w in routers.items()})
-        self.shared.append(shared)
-        return tensors
+        return Rewritten(tensors, MoHLayerPlan(shared, kept))
 
-    def layer_module(self, index: int, tensors: dict[str, torch.Tensor]):
-        return build_layer(MoHDecoderLayer, self.config(self.shared), index, tensors, self.options.device)
+    def layer_module(self, index: int, tensors: dict[str, torch.Tensor], plan: MoHLayerPlan):
+        return build_layer(MoHDecoderLayer, self.config({index: plan.shared}), index, tensors, self.options.device)
 
-    def target_config(self) -> dict:
-        return self.config(self.shared).to_dict()
+    def target_config(self, plans: list[MoHLayerPlan]) -> dict:
+        return self.config({index: plan.shared for index, plan in enumerate(plans)}).to_dict()
 
-    def plan(self) -> dict:
+    def summary(self, plans: list[MoHLayerPlan]) -> dict:
+        kept = [plan.kept_energy for plan in plans if plan.kept_energy is not None]
         return {
             "heads": self.heads,
             "active_heads": self.active,
             "shared_heads": self.n_shared,
             "router": self.options.router,
             "gate_gradient": self.options.gate_gradient,
-            "shared_per_layer": self.shared,
-            "kept_energy_per_layer": [round(k, 5) for k in self.kept] or None,
+            "shared_per_layer": [plan.shared for plan in plans],
+            "kept_energy_per_layer": [round(k, 5) for k in kept] or None,
         }

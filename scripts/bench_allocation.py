@@ -21,9 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rehead import builtin, text
-from rehead.convert.dha import PROBE_SEQUENCES, DHAOptions, DHARewriter
+from rehead.convert.dha import DHAOptions, DHARewriter
 from rehead.convert.dha_fusion import agglomerate
-from rehead.convert.engine import Calibration, LayerInput
+from rehead.convert.dha_planning import PROBE_SEQUENCES
+from rehead.convert.rewriter import Calibration, LayerInput
 from rehead.convert.sensitivity import attention_fisher
 
 
@@ -74,31 +75,29 @@ def main() -> None:
                               model.lm_head.weight.detach())
     with torch.no_grad():
         reference = torch.log_softmax(model(probe).logits.float(), -1)
-    rewriter = DHARewriter(DHAOptions(kv_budget=0.5))
-    rewriter.setup(json.loads((path / "config.json").read_text()))
+    rewriter = DHARewriter(DHAOptions(kv_budget=0.5), json.loads((path / "config.json").read_text()))
+    assembly = rewriter.assembly
     rows = []
     for index in args.layers:
         prefix = f"model.layers.{index}."
         tensors = {k.removeprefix(prefix): v.detach() for k, v in model.state_dict().items() if k.startswith(prefix)}
-        layer = LayerInput(index, tensors, layers[index], Calibration(inputs[index], position))
         prices = {}
-        for sensitivity in (None, fisher):
-            rewriter.sensitivity = None if sensitivity is None else [*fisher]
-            rewriter.observe_layer(layer)
-            prices["attention" if sensitivity is None else "logits"] = dict(rewriter.curves)
-        fusion = rewriter.fusion(layer)
+        for name, sensitivity in (("attention", None), ("logits", fisher[index])):
+            layer = LayerInput(index, tensors, layers[index], Calibration(inputs[index], position), sensitivity)
+            prices[name] = rewriter.observe_layer(layer).curves
+        fusion = assembly.fusion(layer)
         singletons = [(j,) for j in range(rewriter.kv)]
         for kind, error in (("k", fusion.key_error), ("v", fusion.value_error)):
             fused = agglomerate(rewriter.kv, error, 1)[args.count]
             groups = (fused, singletons) if kind == "k" else (singletons, fused)
-            attention = rewriter.attention(index, *rewriter.assemble(fusion, *groups), groups)
+            attention = assembly.attention(index, *assembly.assemble(fusion, *groups))
             source = layers[index].self_attn
             layers[index].self_attn = attention
             kl = kl_per_token(model, probe, reference)
             layers[index].self_attn = source
             row = {"layer": index, "kind": kind, "heads": args.count, "kl": kl,
-                   "attention": prices["attention"][(index, kind)][args.count],
-                   "logits": prices["logits"][(index, kind)][args.count]}
+                   "attention": prices["attention"][kind][args.count],
+                   "logits": prices["logits"][kind][args.count]}
             rows.append(row)
             print(row, flush=True)
     kl = [r["kl"] for r in rows]

@@ -311,3 +311,40 @@ def test_tensors_a_conversion_does_not_change_are_copied_unread(tiny, tmp_path, 
     assert read and all(".self_attn." in name for name in read)
     source, converted = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(converted[n], t) for n, t in source.items() if ".mlp." in n or "norm" in n)
+
+
+@pytest.mark.parametrize("options", [dict(to="mha"), dict(to="moh", active_heads=3, shared_heads=1, shared="first"),
+                                     dict(to="dha", kv_budget=0.5, uniform=True, fusion="mean"), dict(to="gda", ratio=2)])
+def test_a_rewriter_keeps_no_state_between_layers(tiny, options):
+    """Layers rewritten last to first, and a layer's module built before any other layer is rewritten,
+    give what the engine's order gives: a layer's decisions travel in its plan, not in the rewriter."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from rehead.convert import options_for, rewriter_for
+    from rehead.convert.rewriter import LayerInput
+
+    src = tiny("mha", layers=3)
+    config, weights = read_json(src / "config.json"), load_file(src / "model.safetensors")
+    chosen = options_for(options)
+    kind = rewriter_for(chosen)
+
+    def rewrite(order):
+        rewriter = kind(chosen, config)
+        return rewriter, {i: rewriter.rewrite_layer(LayerInput(i, {
+            name.removeprefix(f"model.layers.{i}."): t for name, t in weights.items()
+            if name.startswith(f"model.layers.{i}.")})) for i in order}
+
+    first, forward = rewrite([0, 1, 2])
+    second, backward = rewrite([2, 1, 0])
+    for i in range(3):
+        assert forward[i].plan == backward[i].plan and forward[i].tensors.keys() == backward[i].tensors.keys()
+        assert all(torch.equal(t, backward[i].tensors[name]) for name, t in forward[i].tensors.items())
+    plans = [forward[i].plan for i in range(3)]
+    assert first.target_config(plans) == second.target_config(plans) and first.summary(plans) == second.summary(plans)
+    if options["to"] != "mha":  # the layouts that calibrate build their converted layers
+        fresh = kind(chosen, config)  # nothing rewritten yet
+        hidden = torch.randn(1, 5, config["hidden_size"], generator=torch.Generator().manual_seed(0))
+        position = LlamaRotaryEmbedding(first.llama)(hidden, torch.arange(5)[None])
+        late, early = (r.layer_module(2, forward[2].tensors, forward[2].plan) for r in (first, fresh))
+        with torch.no_grad():
+            assert torch.equal(late(hidden, position_embeddings=position), early(hidden, position_embeddings=position))

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import rehead  # noqa: F401
 from rehead.convert import convert
-from rehead.convert.dha import allocate
 from rehead.convert.dha_fusion import LayerFusion, agglomerate, augmented
+from rehead.convert.dha_planning import allocate
 from rehead.describe import describe
 from rehead.errors import ReheadError
 from rehead.layouts.configuration_dha import DHAConfig

@@ -273,9 +273,9 @@ def test_check_identity_catches_a_broken_conversion(tiny, tmp_path, calib_file, 
     original = gda.GDARewriter.rewrite_layer
 
     def broken(self, layer):
-        tensors = original(self, layer)
+        tensors, plan = original(self, layer)
         tensors["self_attn.diff_lambda"] = torch.full_like(tensors["self_attn.diff_lambda"], 0.5)
-        return tensors
+        return tensors, plan
 
     monkeypatch.setattr(gda.GDARewriter, "rewrite_layer", broken)
     with pytest.raises(ReheadError, match="layer 0 differs from the source"):

@@ -10,7 +10,7 @@ from test_convert import run_cli
 from transformers import AutoModelForCausalLM
 
 from rehead.convert import convert
-from rehead.convert.gda import grow_signal_heads, uneven_shares
+from rehead.convert.gda_growth import grow_signal_heads, uneven_shares
 from rehead.errors import ReheadError
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ from rehead import convert as convert_stage
 from rehead import layouts
 from rehead.app.cli import main
 from rehead.convert import ConvertOptions, convert
-from rehead.convert.engine import LayerInput, Rewriter, build_layer, llama_values
+from rehead.convert.rewriter import LayerInput, Rewriter, Rewritten, build_layer, llama_values
 from rehead.describe import describe
 
 CONFIGURATION = '''
@@ -92,21 +92,19 @@ def toy(tmp_path, monkeypatch):
         layout = "toy"
         Options = ToyOptions
 
-        def setup(self, source_config):
-            super().setup(source_config)
-            from rehead.families import llama_config
-
-            self.config = configuration.ToyConfig(**llama_values(llama_config(source_config)))
+        def __init__(self, options, source_config):
+            super().__init__(options, source_config)
+            self.config = configuration.ToyConfig(**llama_values(self.llama))
             self.config._attn_implementation = "sdpa"
 
         def rewrite_layer(self, layer: LayerInput):
             heads = self.config.num_attention_heads
-            return {**layer.tensors, "self_attn.head_gain": torch.full((heads,), self.options.gain)}
+            return Rewritten({**layer.tensors, "self_attn.head_gain": torch.full((heads,), self.options.gain)})
 
-        def layer_module(self, index, tensors):
+        def layer_module(self, index, tensors, plan):
             return build_layer(modeling.ToyDecoderLayer, self.config, index, tensors, "cpu")
 
-        def target_config(self):
+        def target_config(self, plans):
             return self.config.to_dict()
 
     # registered for this test only: monkeypatch removes the entries afterwards

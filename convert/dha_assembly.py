@@ -1,0 +1,164 @@
+"""DHA's assembly of one layer: its heads fused into given groups (``dha_fusion``'s closed form), the
+fused attention as a module, and the layer-local refinement that may follow the closed form."""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig
+
+from rehead import families
+from rehead.layouts.configuration_dha import DHAConfig
+from rehead.layouts.modeling_dha import DHAAttention, DHADecoderLayer
+
+from .dha_fusion import LayerFusion, augmented, equal_groups
+from .rewriter import LayerInput, build_layer, llama_values
+
+
+@dataclass
+class Grouping:
+    """One layer's fused key heads and value heads: the source KV heads each one stands for, and the
+    fused head each query head reads."""
+
+    key_groups: list[tuple[int, ...]]
+    value_groups: list[tuple[int, ...]]
+    key_of_query: list[int]
+    value_of_query: list[int]
+
+
+class Assembly:
+    """Fuses the layers of one source (its LLaMA form ``llama``); modules are built on ``device``."""
+
+    def __init__(self, llama: LlamaConfig, device: str):
+        self.llama, self.device = llama, device
+        self.heads = llama.num_attention_heads
+        self.kv = llama.num_key_value_heads or self.heads
+        self.reads = [i // (self.heads // self.kv) for i in range(self.heads)]
+
+    def fusion(self, layer: LayerInput) -> LayerFusion:
+        """The layer's heads and, on its calibration text, the second moment of its attention input."""
+        t = layer.tensors
+        bias = lambda name: t.get(f"self_attn.{name}.bias")  # noqa: E731
+        q = augmented(t["self_attn.q_proj.weight"], bias("q_proj"), self.heads)
+        k = augmented(t["self_attn.k_proj.weight"], bias("k_proj"), self.kv)
+        v = augmented(t["self_attn.v_proj.weight"], bias("v_proj"), self.kv)
+        width = q.shape[2]
+        if layer.calibration is None:
+            moment = torch.eye(width, dtype=torch.float64)  # mean fusion needs no statistics
+        else:
+            sums = {"moment": torch.zeros(width, width, dtype=torch.float64), "tokens": 0}
+
+            def on_input(module, args, output):
+                x = args[0].flatten(0, 1).double()
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+                sums["moment"] += (x.T @ x).cpu()
+                sums["tokens"] += len(x)
+
+            attn = layer.source_layer.self_attn
+            layer.calibration.run(layer.source_layer, {attn.q_proj: on_input})
+            moment = sums["moment"] / sums["tokens"]
+        return LayerFusion(q, k, v, t["self_attn.o_proj.weight"], moment, self.reads)
+
+    def shared_groups(self, fusion: LayerFusion, count: int, mean: bool) -> list[tuple[int, ...]]:
+        """``count`` equal groups for K and V alike: contiguous for mean pooling, else grown where the
+        joint key and value fit error is least."""
+        size = self.kv // count
+        if mean:
+            return [tuple(range(g * size, (g + 1) * size)) for g in range(count)]
+        return equal_groups(self.kv, size, lambda g: fusion.key_error(g) + fusion.value_error(g))
+
+    def assemble(self, fusion: LayerFusion, key_groups, value_groups, mean: bool = False,
+                 permute: bool = False) -> tuple[dict[str, torch.Tensor], Grouping]:
+        """The fused attention's tensors (float32, names under self_attn.) and its grouping."""
+        fused_k, scales = zip(*(fusion.fuse_keys(g, mean) for g in key_groups))
+        fused_v, maps = zip(*(fusion.fuse_values(g, mean) for g in value_groups))
+        key_of = {j: n for n, g in enumerate(key_groups) for j in g}
+        value_of = {j: n for n, g in enumerate(value_groups) for j in g}
+        scale = {j: s for part in scales for j, s in part.items()}
+        vmap = {j: m for part in maps for j, m in part.items()}
+        order = list(range(self.heads))
+        if permute:  # each group's readers contiguous: stock grouped-query attention
+            order = sorted(order, key=lambda i: (key_of[self.reads[i]], i))
+        q = torch.cat([fusion.fold_query(i, scale[self.reads[i]]) for i in order])
+        k, v = torch.cat(fused_k), torch.cat(fused_v)
+        width = fusion.width - 1
+        tensors = {
+            "self_attn.q_proj.weight": q[:, :width],
+            "self_attn.k_proj.weight": k[:, :width],
+            "self_attn.v_proj.weight": v[:, :width],
+            "self_attn.o_proj.weight": torch.cat([fusion.o[:, i] @ vmap[self.reads[i]].T for i in order], dim=1),
+        }
+        if self.llama.attention_bias:
+            tensors.update({"self_attn.q_proj.bias": q[:, width], "self_attn.k_proj.bias": k[:, width],
+                            "self_attn.v_proj.bias": v[:, width]})
+        tensors = {name: t.float() for name, t in tensors.items()}
+        grouping = Grouping(list(key_groups), list(value_groups), [key_of[self.reads[i]] for i in order],
+                            [value_of[self.reads[i]] for i in order])
+        return tensors, grouping
+
+    def config(self, groupings: Mapping[int, Grouping]) -> DHAConfig:
+        """The DHA config with these layers' groupings; any other layer keeps the source's grouping."""
+        layers = range(self.llama.num_hidden_layers)
+        config = DHAConfig(
+            **llama_values(self.llama),
+            key_heads_per_layer=[len(groupings[i].key_groups) if i in groupings else self.kv for i in layers],
+            value_heads_per_layer=[len(groupings[i].value_groups) if i in groupings else self.kv for i in layers],
+            key_head_of_query=[groupings[i].key_of_query if i in groupings else self.reads for i in layers],
+            value_head_of_query=[groupings[i].value_of_query if i in groupings else self.reads for i in layers],
+        )
+        config._attn_implementation = "sdpa"
+        return config
+
+    def attention(self, index: int, tensors: dict, grouping: Grouping) -> DHAAttention:
+        """A float32 DHA attention module holding ``tensors`` (names under self_attn.)."""
+        with torch.device("meta"):
+            attn = DHAAttention(self.config({index: grouping}), index)
+        state = {k.removeprefix("self_attn."): v.to(self.device) for k, v in tensors.items()}
+        state = families.with_o_proj_bias(state, self.llama, prefix="")
+        attn.load_state_dict(state, assign=True)
+        return attn.eval()
+
+    def layer_module(self, index: int, tensors: dict[str, torch.Tensor], grouping: Grouping):
+        return build_layer(DHADecoderLayer, self.config({index: grouping}), index, tensors, self.device)
+
+
+def refine(assembly: Assembly, layer: LayerInput, tensors: dict[str, torch.Tensor], grouping: Grouping, steps: int,
+           lr: float) -> tuple[dict[str, torch.Tensor], dict]:
+    """Adam steps on the fused attention to match the source layer's attention output, one calibration
+    micro-batch a step; kept only if the error over all calibration text went down. Returns the tensors
+    and the record of the refinement (the error before and after)."""
+    source = layer.source_layer
+    # the module's parameters on clones: Adam's in-place steps must not reach the closed form's tensors,
+    # which are returned unchanged when refining does not lower the error
+    attn = assembly.layer_module(layer.index, {k: v.clone() for k, v in tensors.items()}, grouping).self_attn
+    calib = layer.calibration
+    cos, sin = calib.position_embeddings
+    with torch.no_grad():
+        inputs = [source.input_layernorm(h) for h in calib.hidden.split(calib.micro_batch)]
+        targets = [source.self_attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0] for x in inputs]
+    scale = sum(t.pow(2).sum() for t in targets) / sum(t.numel() for t in targets)
+
+    def loss(x, target):
+        return (attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0] - target).pow(2).mean() / scale
+
+    def total() -> float:
+        with torch.no_grad():
+            return sum(loss(x, t).item() * len(x) for x, t in zip(inputs, targets)) / len(calib.hidden)
+
+    before = total()
+    if before <= 1e-10:  # the closed form is already exact (repeated heads): nothing to refine
+        return tensors, {"layer": layer.index, "error_before": round(before, 6), "error_after": round(before, 6)}
+    params = [p for name, p in attn.named_parameters() if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss(inputs[step % len(inputs)], targets[step % len(inputs)]).backward()
+        optimizer.step()
+    after = total()
+    record = {"layer": layer.index, "error_before": round(before, 6), "error_after": round(after, 6)}
+    if after >= before:
+        return tensors, record
+    refined = {f"self_attn.{name}": p.detach().cpu() for name, p in attn.named_parameters()}
+    return {**tensors, **{k: v for k, v in refined.items() if k in tensors}}, record
