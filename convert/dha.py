@@ -126,8 +126,6 @@ class DHAOptions(ConvertOptions):
 class DHARewriter(Rewriter):
     layout = "dha"
     Options = DHAOptions
-    preset = dict(kv_budget=0.5)  # half the KV cache
-    trainable = "attention"
 
     def setup(self, source_config: dict) -> None:
         super().setup(source_config)

@@ -76,15 +76,11 @@ class Rewriter:
     """A layout's conversion. Subclasses set the class attributes and override the hooks they need.
 
     ``Options``: the layout's options, a pydantic model extending ConvertOptions (its own fields become
-    the layout's command-line flags); ``preset``: the options ``rehead pipeline`` and the benchmarks
-    convert with; ``trainable``: what the pipeline's short tuning trains; ``probe_sequences`` and
-    ``sensitivity``: see ``plan_pass``.
+    the layout's command-line flags); ``probe_sequences`` and ``sensitivity``: see ``plan_pass``.
     """
 
     layout = ""
     Options: type[ConvertOptions] = ConvertOptions
-    preset: dict = {}
-    trainable = "all"
     needs_calibration = False
     needs_planning = False
     source_layouts: tuple[str, ...] = ()  # rehead layouts it also reads as a source (stock LLaMA forms always)

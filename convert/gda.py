@@ -116,8 +116,6 @@ def grow_signal_heads(heads: int, kv: int, noise: int, added: int) -> tuple[list
 class GDARewriter(Rewriter):
     layout = "gda"
     Options = GDAOptions
-    preset = dict(ratio=3)  # one noise-control head per 3 signal heads, grown from the source
-    trainable = "new"
     source_layouts = ("gda",)  # --grow-signal
 
     def setup(self, source_config: dict) -> None:

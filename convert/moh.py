@@ -85,7 +85,6 @@ class MoHOptions(ConvertOptions):
 class MoHRewriter(Rewriter):
     layout = "moh"
     Options = MoHOptions
-    preset = dict(router="learned")  # 7 of 9 heads per token on SmolLM2, 4 of them shared
 
     def setup(self, source_config: dict) -> None:
         super().setup(source_config)
