@@ -98,8 +98,6 @@ class DHALayerPlan:
 class DHARewriter(Rewriter):
     layout = "dha"
     Options = DHAOptions
-    preset = dict(kv_budget=0.5)  # half the KV cache
-    trainable = "attention"
 
     def __init__(self, options: DHAOptions, source_config: dict):
         super().__init__(options, source_config)

@@ -84,7 +84,6 @@ class GDAConversion(Rewriter):
 
     layout = "gda"
     Options = GDAOptions
-    trainable = "new"
     output: GDAConfig
 
     def layer_module(self, index: int, tensors: dict[str, torch.Tensor], plan):
@@ -96,8 +95,6 @@ class GDAConversion(Rewriter):
 
 class GDARewriter(GDAConversion):
     """Grouped differential attention from a stock checkpoint (``--mode grow`` or ``repurpose``)."""
-
-    preset = dict(ratio=3)  # one noise-control head per 3 signal heads, grown from the source
 
     @classmethod
     def check_source(cls, config: dict, where: str) -> None:

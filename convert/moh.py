@@ -92,7 +92,6 @@ class MoHLayerPlan:
 class MoHRewriter(Rewriter):
     layout = "moh"
     Options = MoHOptions
-    preset = dict(router="learned")  # 7 of 9 heads per token on SmolLM2, 4 of them shared
 
     def __init__(self, options: MoHOptions, source_config: dict):
         super().__init__(options, source_config)

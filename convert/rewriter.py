@@ -14,8 +14,6 @@ Class attributes:
     needs_planning    whether a planning pass over the source's activations comes first
     probe_sequences   > 0: before planning, the engine measures each layer's logit sensitivity on
                       this many calibration sequences (``LayerInput.sensitivity``)
-    preset, trainable the options ``rehead pipeline`` and the benchmarks convert with, and what the
-                      pipeline's short tuning trains
 The three ``needs``/``probe`` values may instead be set on the instance in ``__init__``, where they
 depend on the options or the source.
 
@@ -112,8 +110,6 @@ class Rewriter:
 
     layout = ""
     Options: type[ConvertOptions] = ConvertOptions
-    preset: dict = {}
-    trainable = "all"
     source_layouts: tuple[str, ...] = ()
     needs_calibration = False
     needs_planning = False

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the conversions they compare with their source (the pipeline's presets)."""
+"""What the benchmark scripts share: the conversions they compare with their source (the presets of the
+pipeline recipe, recipes/pipeline/default.yaml, without its lighter settings)."""
 
 from pathlib import Path
 

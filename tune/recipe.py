@@ -141,12 +141,13 @@ def _set(tree: dict, dotted: str, value) -> None:
 
 
 def builtin_recipes() -> dict:
-    """The recipes that ship with rehead (package data), by name: ``smollm2-135m-moh``, ... and the
-    accelerate configs as ``accelerate/single-gpu``, ..."""
+    """The recipes that ship with rehead (package data), by name: ``smollm2-135m-moh``, ..., the
+    accelerate configs as ``accelerate/single-gpu``, ... and rehead pipeline's as ``pipeline/default``"""
     root = resources.files("rehead.recipes")
     found = {p.name.removesuffix(".yaml"): p for p in root.iterdir() if p.name.endswith(".yaml")}
-    found.update({f"accelerate/{p.name.removesuffix('.yaml')}": p for p in root.joinpath("accelerate").iterdir()
-                  if p.name.endswith(".yaml")})
+    for folder in ("accelerate", "pipeline"):
+        found.update({f"{folder}/{p.name.removesuffix('.yaml')}": p for p in root.joinpath(folder).iterdir()
+                      if p.name.endswith(".yaml")})
     return dict(sorted(found.items()))
 
 
@@ -160,16 +161,17 @@ def locate(spec: str | Path):
         return known[str(spec)]
     if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
         raise ReheadError(f"recipe {spec}: no such file")
-    names = [n for n in known if not n.startswith("accelerate/")]
+    names = [n for n in known if "/" not in n]
     close = difflib.get_close_matches(str(spec), names, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ReheadError(f"recipe {spec!r}: no such file or built-in recipe; {hint}built-in: {', '.join(names)} "
                       "(rehead recipes lists them)")
 
 
-def load(path: str | Path | None, overrides: list[str] = (), values: dict | None = None) -> Recipe:
+def load(path: str | Path | None, overrides: list[str] = (), values: dict | None = None,
+         schema: type[BaseModel] = Recipe):
     """The recipe in ``path`` (a file or a built-in recipe's name; or just ``values``) with ``overrides``
-    ("a.b=value", YAML-parsed) applied."""
+    ("a.b=value", YAML-parsed) applied, validated by ``schema`` (rehead pipeline's recipe has its own)."""
     tree: dict = {}
     if path is not None:
         path = locate(path)
@@ -187,7 +189,7 @@ def load(path: str | Path | None, overrides: list[str] = (), values: dict | None
             raise ReheadError(f"override {item!r}: write KEY=VALUE, e.g. optim.lr=1e-5")
         _set(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     try:
-        return Recipe.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as e:
         where = f"recipe {path}" if path else "recipe"
         message = invalid(e, name=lambda loc: ".".join(map(str, loc)), unknown="unknown key")

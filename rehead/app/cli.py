@@ -139,14 +139,15 @@ def cmd_push(args) -> int:
 def cmd_pipeline(args) -> int:
     from rehead.app import pipeline
 
-    settings = pipeline.Settings(
-        source=args.src, layouts=tuple(x.strip() for x in args.layouts.split(",") if x.strip()), work=Path(args.work),
-        steps=args.steps, limit=args.limit or None, overwrite=args.overwrite,
-    )
-    result = pipeline.run(settings)
+    flags = {"source": args.src, "layouts": args.layouts, "work": args.work, "tune.train.max_steps": args.steps,
+             "overwrite": args.overwrite or None}
+    if args.limit is not None:
+        flags["eval.limit"] = args.limit or None  # 0: every example
+    recipe = pipeline.load(values={key: value for key, value in flags.items() if value is not None})
+    result = pipeline.run(recipe)
     print()
     print(pipeline.table(result))
-    print(f"wrote {settings.work}/summary.md, summary.json, cards/; tuned models in {settings.work}/tune-*/model")
+    print(f"wrote {recipe.work}/summary.md, summary.json, cards/; tuned models in {recipe.work}/tune-*/model")
     return 0
 
 
@@ -254,12 +255,13 @@ def add_push(sub) -> None:
 
 
 def add_pipeline(sub) -> None:
-    p = sub.add_parser("pipeline", help="convert, tune, eval and card each layout of a source, in one command")
-    p.add_argument("src", nargs="?", default="smollm2-135m", help="source (default: the embedded smollm2-135m)")
-    p.add_argument("--layouts", default="moh,dha,gda", help="comma-separated layouts (default moh,dha,gda)")
-    p.add_argument("--work", default="runs/pipeline", help="working folder (default runs/pipeline)")
-    p.add_argument("--steps", type=int, default=8, help="tuning steps per layout (default 8)")
-    p.add_argument("--limit", type=int, default=24, help="offline-suite examples per task (0: all; default 24)")
+    p = sub.add_parser("pipeline", help="convert, tune, eval and card each layout of a source, in one command; "
+                       "every default is the recipe's (rehead recipes cp pipeline/default shows it)")
+    p.add_argument("src", nargs="?", help="source (default: the recipe's source, the embedded smollm2-135m)")
+    p.add_argument("--layouts", help="comma-separated layouts (default: the recipe's layouts)")
+    p.add_argument("--work", help="working folder (default: the recipe's work)")
+    p.add_argument("--steps", type=int, help="tuning steps per layout (default: the recipe's tune.train.max_steps)")
+    p.add_argument("--limit", type=int, help="eval examples per task (0: all; default: the recipe's eval.limit)")
     p.add_argument("--overwrite", action="store_true", help="redo the pipeline in an existing --work folder")
     p.set_defaults(func=cmd_pipeline)
 
