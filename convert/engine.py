@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from rehead import architectures, text
+from rehead import architectures, text, validate
 from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
 from rehead.errors import ReheadError
-from rehead.files import atomic_output, check_output
+from rehead.files import atomic_output, check_disjoint, check_output
 from rehead.heads import LAYER_RE, head_dim_of
 from rehead.layouts import layout_config
 from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
@@ -218,15 +218,15 @@ class SourceReader:
 def open_source(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewriter) -> SourceReader:
     """Validates the source, the options and the output folder before anything is written."""
     source = resolve(source_spec, options.revision, options.allow_pickle)
-    if out.resolve() == source.path.resolve():
-        raise ReheadError(f"{out}: the output folder is the source; choose another one")
+    check_disjoint(source.path, out)
     config = read_config(source.path)
+    validate.check_config(config, source_spec)
     rewriter.check_source(config, source_spec)
     rewriter.setup(config)
     check_output(out, options.overwrite)
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReheadError(f"--device {options.device}: CUDA is not available here; use --device cpu")
+    validate.check_device(options.device)
     reader = CheckpointReader(source.path, options.allow_pickle)
+    validate.check_tensors(reader, config, source_spec)
     layer_names: dict[int, list[str]] = {}
     other_names = []
     for name in reader.names():
