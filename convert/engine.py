@@ -220,7 +220,7 @@ def open_source(source_spec: str, out: Path, options: ConvertOptions, rewriter: 
     source = resolve(source_spec, options.revision, options.allow_pickle)
     check_disjoint(source.path, out)
     config = read_config(source.path)
-    validate.check_config(config, source_spec)
+    validate.check_source_config(config, source_spec)
     rewriter.check_source(config, source_spec)
     rewriter.setup(config)
     check_output(out, options.overwrite)

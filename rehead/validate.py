@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 
 from rehead import architectures
-from rehead.checkpoint import FLOATS, CheckpointReader
+from rehead.checkpoint import FLOATS, CheckpointReader, read_config
 from rehead.errors import ReheadError
 
 # config fields and the types a LLaMA-family config gives them (None: the field may be null)
@@ -24,21 +24,13 @@ IGNORED = ("rotary_emb.inv_freq",)  # a buffer some old checkpoints stored; tran
 
 
 def check_config(config: dict, where: str) -> None:
-    """Refuses a config whose fields have the wrong types, and a quantized checkpoint."""
-    quantization = config.get("quantization_config")
-    if quantization is not None:
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        raise ReheadError(
-            f"{where}: a quantized checkpoint (quantization_config: quant_method {method!r}); rehead rewrites "
-            "full-precision weights. Dequantize first (load it with transformers and save_pretrained the "
-            "dequantized model), or convert the unquantized original"
-        )
+    """Refuses a config whose fields have the wrong types (those it has: a layout's config may lack some)."""
     if not isinstance(config.get("model_type"), str):
         raise ReheadError(f"{where}: config.json has no model_type string (got {config.get('model_type')!r}); "
                           "it is not a transformers model config")
     for key in INTS + OPTIONAL_INTS:
         value = config.get(key)
-        if (value is not None or key in INTS) and (type(value) is not int or value <= 0):
+        if key in config and (value is not None or key in INTS) and (type(value) is not int or value <= 0):
             raise ReheadError(f"{where}: config.json {key} = {value!r}: must be a positive integer")
     for key in NUMBERS:
         value = config.get(key)
@@ -47,6 +39,19 @@ def check_config(config: dict, where: str) -> None:
     for key in BOOLS:
         if key in config and type(config[key]) is not bool:
             raise ReheadError(f"{where}: config.json {key} = {config[key]!r}: must be true or false")
+
+
+def check_source_config(config: dict, where: str) -> None:
+    """A conversion's source config: of the right types, and not a quantized checkpoint's."""
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        raise ReheadError(
+            f"{where}: a quantized checkpoint (quantization_config: quant_method {method!r}); rehead rewrites "
+            "full-precision weights. Dequantize first (load it with transformers and save_pretrained the "
+            "dequantized model), or convert the unquantized original"
+        )
+    check_config(config, where)
 
 
 def expected_shapes(llama: LlamaConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -92,8 +97,15 @@ def check_tensors(reader: CheckpointReader, config: dict, where: str) -> None:
     if other:
         raise ReheadError(f"{where}: tensor {other[0]} is {headers[other[0]][0]}, not a float type; "
                           "a LLaMA-family checkpoint stores float weights (F32, F16, BF16)")
-    if config.get("model_type") not in architectures.SOURCES:
-        return  # a rehead layout read as a source (GDA growth): its own config class checks its tensors
+    check_shapes(headers, config, where)
+
+
+def check_shapes(headers: dict[str, tuple[str, tuple[int, ...]]], config: dict, where: str) -> None:
+    """For a stock LLaMA-family checkpoint: refuses a tensor missing, unexpected or of another shape than its
+    config implies (a rehead layout's own config class checks its tensors)."""
+    if config.get("model_type") not in architectures.SOURCES or config.get("quantization_config") is not None:
+        return
+    headers = {name: entry for name, entry in headers.items() if not name.endswith(IGNORED)}
     shapes, optional = expected_shapes(architectures.llama_config(config))
     missing = sorted(set(shapes) - set(headers) - optional)
     if missing:
@@ -107,6 +119,15 @@ def check_tensors(reader: CheckpointReader, config: dict, where: str) -> None:
         if name in headers and headers[name][1] != expected:
             raise ReheadError(f"{where}: tensor {name} has shape {list(headers[name][1])}, config.json implies "
                               f"{list(expected)}; the weights and the config belong to different models")
+
+
+def check_checkpoint(folder, where: str) -> None:
+    """A checkpoint about to be loaded (eval's baseline, before the candidate is scored): its config's types
+    and, from the safetensors headers, its tensors' shapes."""
+    config = read_config(folder)
+    check_config(config, where)
+    if any(folder.glob("*.safetensors")):
+        check_shapes(CheckpointReader(folder).headers(), config, where)
 
 
 def _some(names: list[str]) -> str:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rehead import metrics, models, text
+from rehead.card import card
 from rehead.convert import CONVERTERS, convert
 from rehead.describe import describe
 from rehead.errors import ReheadError
 from rehead.eval import evaluate
-from rehead.hub import card
 from rehead.sources import resolve
 from rehead.tune import load, tune
 
@@ -57,7 +57,20 @@ def _stage(number: int, total: int, what: str) -> None:
     print(f"\n[{number}/{total}] {what}", flush=True)
 
 
+def check_settings(s: Settings) -> None:
+    """Refuses, in the flags' own names, what would otherwise fail minutes into the work."""
+    if not s.layouts:
+        raise ReheadError("--layouts: no layout given; give some of moh, dha, gda (comma-separated)")
+    if s.steps < 1:
+        raise ReheadError(f"--steps {s.steps}: must be at least 1")
+    if s.limit is not None and s.limit < 1:
+        raise ReheadError(f"--limit {s.limit}: must be at least 1 (or 0 on the command line: every example)")
+    if Path(s.work).exists() and not Path(s.work).is_dir():
+        raise ReheadError(f"--work {s.work}: is a file; give a folder")
+
+
 def run(s: Settings) -> dict:
+    check_settings(s)
     conversions = presets()
     unknown = [x for x in s.layouts if x not in conversions]
     if unknown:
