@@ -331,7 +331,6 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_is_kept(tmp_path, cap
 
     monkeypatch.setenv("REHEAD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cli, "cmd_recipes", lambda args: {}["no such key"])
-    monkeypatch.setattr(cli, "add_recipes", lambda sub: sub.add_parser("recipes").set_defaults(func=cli.cmd_recipes))
     code, err = run_cli(capsys, "recipes")
     assert code == 1 and one_line(err)
     assert "unexpected error: KeyError: 'no such key'" in err
@@ -457,3 +456,35 @@ def test_the_sha256_of_a_hub_cache_file_is_its_content_hash_for_every_kind_of_bl
         (repo / "snapshots" / "c0ffee" / file).symlink_to(Path("../../blobs") / name)
     assert sha256_file(repo / "snapshots" / "c0ffee" / "config.json") == hashlib.sha256(small).hexdigest()
     assert sha256_file(repo / "snapshots" / "c0ffee" / "model.safetensors") == lfs_sha256
+
+
+# ---- the earlier by-hand rows of BENCHMARKS.md "Reliability", now held by tests --------------------
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from rehead.app import cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "model.safetensors"))
+
+    monkeypatch.setattr(cli, "cmd_recipes", full)
+    code, err = run_cli(capsys, "recipes")
+    assert code == 2 and "the disk is full (No space left on device) writing" in err and one_line(err)
+
+
+def test_smaller_mistakes_are_one_line(tiny, tmp_path, capsys, calib_file):
+    (tmp_path / "file.txt").write_text("x")
+    code, err = run_cli(capsys, "inspect", tmp_path / "file.txt")
+    assert code == 2 and "is a file; give the checkpoint's folder" in err
+    code, err = run_cli(capsys, "pipeline", "--layouts", "xyz", "--work", tmp_path / "work")
+    assert code == 2 and "unknown layout(s) xyz; choose from moh, dha, gda" in err and not (tmp_path / "work").exists()
+    src = tiny("gqa")
+    code, err = run_cli(capsys, "convert", src, tmp_path / "out", "--to", "moh", "--calib", tmp_path / "nosuch.txt")
+    assert code == 2 and "no such file or folder" in err and nothing_written(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe(tmp_path, src, calib_file, resume=str(tmp_path)).dump())
+    code, err = run_cli(capsys, "tune", recipe)
+    assert code == 2 and "is not a rehead tune checkpoint (no trainer_state.json in it)" in err
+    with pytest.raises(SystemExit) as stopped:
+        main(["convert", str(src), str(tmp_path / "out"), "--to", "xyz"])
+    assert stopped.value.code == 2 and "invalid choice: 'xyz'" in capsys.readouterr().err
