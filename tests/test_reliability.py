@@ -171,6 +171,20 @@ def test_tune_resumes_its_own_run_with_more_steps(tiny, tmp_path, calib_file):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
 
 
+def test_a_checkpoint_that_records_no_run_is_resumed_only_when_named(tiny, tmp_path, calib_file, caplog):
+    model = tiny("gqa")
+    tune(_recipe(tmp_path, model, calib_file))
+    last = tmp_path / "run" / "checkpoints" / "step-00000002"
+    state = read_json(last / "trainer_state.json")
+    del state["run"]  # as an older rehead wrote it
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ReheadError, match="without recording its run.*give resume: that folder"):
+        tune(_recipe(tmp_path, model, calib_file, **{"train.max_steps": 3}))
+    with caplog.at_level("WARNING", logger="rehead.tune"):
+        result = tune(_recipe(tmp_path, model, calib_file, **{"train.max_steps": 3, "resume": str(last)}))
+    assert result.steps == 3 and "does not record its run" in caplog.text
+
+
 @pytest.mark.parametrize("where", ["model", "parent"])
 def test_tune_refuses_an_output_dir_that_overlaps_the_model(tiny, tmp_path, calib_file, where):
     model = tiny("gqa")
@@ -233,9 +247,14 @@ def test_a_shard_name_that_leaves_the_folder_is_refused_before_it_is_opened(tiny
     index["weight_map"] = {n: ("../outside.safetensors" if s == "model-b.safetensors" else s)
                            for n, s in index["weight_map"].items()}
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    opened = []
-    real_open = Path.open
-    monkeypatch.setattr(Path, "open", lambda self, *a, **k: opened.append(self.name) or real_open(self, *a, **k))
+    from rehead import checkpoint
+
+    opened = []  # every file the reader opens: through safetensors, or with a plain read
+    real_safe_open = checkpoint.safe_open
+    monkeypatch.setattr(checkpoint, "safe_open", lambda path, **k: opened.append(Path(path).name)
+                        or real_safe_open(path, **k))
+    monkeypatch.setattr(checkpoint, "open", lambda path, *a: opened.append(Path(path).name) or open(path, *a),
+                        raising=False)
     code, err = run_cli(capsys, "convert", src, tmp_path / "out", "--to", "mha")
     assert code == 2 and "outside the checkpoint folder (../outside.safetensors)" in err
     assert "outside.safetensors" not in opened and nothing_written(tmp_path)
