@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from rehead import families, text
+from rehead import families, text, validate
 from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
 from rehead.describe import kv_cache_bytes
 from rehead.errors import ReheadError
 from rehead.families.llama import LAYER_RE, head_dim_of
-from rehead.files import atomic_output, check_output
+from rehead.files import atomic_output, check_disjoint, check_output
 from rehead.layouts import layout_config
 from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
 from rehead.sampled import Sampler
@@ -79,15 +79,16 @@ def open_source(source_spec: str, out: Path, options: ConvertOptions,
     """Validates the source, the options and the output folder before anything is written; the
     rewriter of ``kind`` for this source."""
     source = resolve(source_spec, options.revision, options.allow_pickle)
-    if out.resolve() == source.path.resolve():
-        raise ReheadError(f"{out}: the output folder is the source; choose another one")
+    check_disjoint(source.path, out)
     config = read_config(source.path)
+    validate.check_source_config(config, source_spec)
     kind.check_source(config, source_spec)
     rewriter = kind(options, config)
     check_output(out, options.overwrite)
-    if options.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ReheadError(f"--device {options.device}: CUDA is not available here; use --device cpu")
-    reader = families.reader(config, CheckpointReader(source.path, options.allow_pickle))  # LLaMA-form names
+    validate.check_device(options.device)
+    checkpoint = CheckpointReader(source.path, options.allow_pickle)
+    validate.check_tensors(checkpoint, config, source_spec)
+    reader = families.reader(config, checkpoint)  # LLaMA-form names
     layer_names: dict[int, list[str]] = {}
     other_names = []
     for name in reader.names():

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from rehead import models
 from rehead.errors import ReheadError
-from rehead.files import atomic_file, write_text
+from rehead.files import atomic_file, check_writable, write_text
 from rehead.provenance import Provenance
 from rehead.sources import resolve
+from rehead.validate import check_checkpoint, check_device
 
 from . import harness, offline, report
 from .suites import SUITES
@@ -58,6 +59,13 @@ def default_baseline(candidate_path: Path) -> str | None:
     return record.source_id if record else None
 
 
+def check_report_folder(out: Path) -> None:
+    """Refuses a report folder that is a file or cannot be written, before any model is scored."""
+    if out.exists() and not out.is_dir():
+        raise ReheadError(f"--out {out}: is a file; give a folder for results.json, report.md and report.png")
+    check_writable(out, f"--out {out}")
+
+
 def _batch_size(text: str | int):
     if isinstance(text, int) or text == "auto" or str(text).startswith("auto:"):
         return text
@@ -85,15 +93,20 @@ def evaluate(candidate: str, baseline: str | None = None, tasks: str | None = No
     configs = offline.task_configs() if any(n in offline.OFFLINE_TASKS for n in chosen) else {}
     configs = {name: config for name, config in configs.items() if name in chosen}
 
+    check_device(device)
+    cand_path = resolve(candidate).path
+    baseline = baseline or default_baseline(cand_path)
+    if baseline is None:
+        raise ReheadError(f"{candidate}: no --baseline given and no rehead.json naming its source; give --baseline")
+    out = Path(out) if out is not None else (cand_path / "eval" if Path(candidate).exists() else Path("rehead-eval"))
+    check_report_folder(out)
+    check_checkpoint(resolve(baseline).path, f"baseline {baseline}")  # before minutes of scoring the candidate
+
     timings = {}
     started = time.perf_counter()
     cand_model, cand_tok, cand_src = models.load(candidate, dtype, device)
     if cand_tok is None:
         raise ReheadError(f"{candidate}: has no tokenizer; lm-eval needs one")
-    baseline = baseline or default_baseline(cand_src.path)
-    if baseline is None:
-        raise ReheadError(f"{candidate}: no --baseline given and no rehead.json naming its source; give --baseline")
-    out = Path(out) if out is not None else (cand_src.path / "eval" if Path(candidate).exists() else Path("rehead-eval"))
     timings["load_candidate_s"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -34,9 +34,13 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise ReheadError(f"{folder}: no config.json; a checkpoint folder needs one (is this a model folder?)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReheadError(f"{path}: not valid JSON ({e})") from None
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReheadError(f"{path}: not valid JSON ({e}); the file is corrupt, download it again") from None
+    if not isinstance(config, dict):
+        raise ReheadError(f"{path}: holds a JSON {type(config).__name__}, not an object of config fields; "
+                          "the file is corrupt or not a transformers config")
+    return config
 
 
 class CheckpointReader:
@@ -69,16 +73,27 @@ class CheckpointReader:
             self.weight_map = {name: single for name in self._shard_names(single)}
         self.files = sorted(set(self.weight_map.values()))
         if not self.pickled:
-            for name in self.files:
-                self._shard_names(name)  # validates every header before any work starts
+            for name in self.files:  # validates every header before any work starts
+                absent = sorted({t for t, shard in self.weight_map.items() if shard == name}
+                                - set(self._shard_names(name)))
+                if absent:
+                    raise ReheadError(f"{self.folder / name}: lacks {', '.join(absent[:3])}"
+                                      f"{f' and {len(absent) - 3} more' if len(absent) > 3 else ''}, which the "
+                                      "index maps to it; the download is incomplete or the index is wrong")
         self._open_name = None
         self._open = None
 
     def _index(self, index_name: str) -> dict[str, str]:
         try:
             weight_map = json.loads((self.folder / index_name).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ReheadError(f"{self.folder / index_name}: not a valid weight index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ReheadError(f"{self.folder / index_name}: weight_map must map tensor names to shard file names")
+        leaving = sorted({f for f in weight_map.values() if not _inside(f)})
+        if leaving:
+            raise ReheadError(f"{self.folder / index_name}: names shards outside the checkpoint folder "
+                              f"({', '.join(leaving)}); a shard is a file name in the folder. Nothing was opened")
         missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
         if missing:
             raise ReheadError(f"{self.folder}: the index names shards that are missing: {', '.join(missing)}")
@@ -106,6 +121,20 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def headers(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every tensor's (safetensors dtype name, shape), from the shard headers (no tensor data is read)."""
+        entries = {}
+        for name in self.files:
+            if self.pickled:
+                entries.update({k: (_DTYPES.get(v.dtype, str(v.dtype)), tuple(v.shape))
+                                for k, v in self._load_pickle(self.folder / name).items()})
+            else:
+                shard = _ShardFile(self.folder / name)
+                shard.file.close()
+                entries.update({k: (v["dtype"], tuple(v["shape"])) for k, v in shard.header.items()
+                                if k != "__metadata__"})
+        return entries
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the shard headers (no tensor data is read)."""
         shapes = {}
@@ -124,7 +153,12 @@ class CheckpointReader:
             path = self.folder / shard
             self._open = self._load_pickle(path) if self.pickled else _ShardFile(path)
             self._open_name = shard
-        return self._open[name].clone() if self.pickled else self._open.read(name)
+        tensor = self._open[name].clone() if self.pickled else self._open.read(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = (~torch.isfinite(tensor)).sum().item()
+            raise ReheadError(f"{self.folder / shard}: tensor {name} holds {bad} NaN or infinite values; the "
+                              "checkpoint is broken (a diverged training run or a bad download): use another one")
+        return tensor
 
     def locate(self, name: str) -> "Stored | None":
         """Where a tensor's bytes lie in its safetensors shard (None for pickled weights)."""
@@ -145,6 +179,12 @@ class CheckpointReader:
 
     def file_hashes(self) -> dict[str, str]:
         return {name: sha256_file(self.folder / name) for name in ["config.json", *self.files]}
+
+
+def _inside(name: str) -> bool:
+    """Whether a shard name from an index stays in the checkpoint folder (judged from the name alone)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\\" not in name
 
 
 @dataclass(frozen=True)

@@ -39,10 +39,42 @@ def write_text(path: Path, content: str) -> None:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
+    """Refuses an output folder that exists (without ``overwrite``), is a file, or cannot be created."""
     if out.exists() and not overwrite:
         raise ReheadError(f"{out} exists; pass --overwrite to replace it, or choose another output folder")
     if out.exists() and not out.is_dir():
         raise ReheadError(f"{out} exists and is not a folder; remove it or choose another output folder")
+    check_writable(out.parent, f"{out}")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Refuses ``what`` when its nearest existing folder is a file or not writable (checked before any work)."""
+    folder = Path(folder).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ReheadError(f"{what}: {folder} is a file, not a folder; choose another place")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ReheadError(f"{what}: {folder} is not writable; choose a folder you can write to")
+
+
+def check_disjoint(source: Path, out: Path, what: str = "the output folder") -> None:
+    """Refuses an output that is, holds or lies inside ``source``: replacing it would delete the source."""
+    source, out = Path(source).resolve(), Path(out).expanduser().resolve()
+    if out == source:
+        raise ReheadError(f"{out}: {what} is the source; choose another one")
+    if source.is_relative_to(out):
+        raise ReheadError(f"{out}: {what} contains the source {source}; writing it would delete the source. "
+                          "Choose a folder outside the source's")
+    if out.is_relative_to(source):
+        raise ReheadError(f"{out}: {what} lies inside the source {source}; choose a folder outside it")
+
+
+def output_mode() -> int:
+    """The mode a new folder gets under the process's umask (mkdtemp's own 0700 would hide it from other users)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
 
 
 @contextmanager
@@ -56,6 +88,7 @@ def atomic_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    tmp.chmod(output_mode())
     try:
         yield tmp
         if out.exists():

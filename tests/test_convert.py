@@ -59,9 +59,11 @@ def test_routed_moh_converts_and_records_its_plan(tiny, tmp_path, calib_file, sh
     tensors = load_file(out / "model.safetensors")
     has_router = any("router_routed" in name for name in tensors)
     assert has_router == (router == "learned")
-    # routed: no longer the source's function, but close to it and finite
+    # routed: no longer the source's function, but close to it and finite. Measured (CPU-2, 2026-12-02) over the
+    # four settings: max 0.22-0.29, mean 0.022-0.026, where the source's logits have std 0.12
     diff = (logits(out, IDS) - logits(src, IDS)).abs()
     assert torch.isfinite(diff).all() and diff.max() > 1e-4
+    assert diff.max() < 0.4 and diff.mean() < 0.04
 
 
 def test_calibrated_shared_heads_stay_closer_to_the_source(tiny, tmp_path, calib_file):

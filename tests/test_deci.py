@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from conftest import load_without_rehead, logits, randomise, read_json
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file, save_file
 from test_dha import IDS, shuffled_repeats
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -115,18 +116,20 @@ def test_config_round_trips_and_keeps_per_layer_values_only(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "block, message",
+    "block, error, message",
     [
-        ({"attention": {"n_heads_in_group": None, "no_op": True}, "ffn": {"ffn_mult": 8.0}}, "no_op"),
+        ({"attention": {"n_heads_in_group": None, "no_op": True}, "ffn": {"ffn_mult": 8.0}}, ValueError, "no_op"),
         ({"attention": {"n_heads_in_group": None, "replace_with_linear": True}, "ffn": {"ffn_mult": 8.0}},
-         "replace_with_linear"),
-        ({"attention": {"n_heads_in_group": 3}, "ffn": {"ffn_mult": None, "no_op": True}}, "ffn has"),
-        ({"attention": {"n_heads_in_group": 3, "window_length": 128}, "ffn": {"ffn_mult": 8.0}}, "window_length"),
-        ({"attention": {"n_heads_in_group": 4}, "ffn": {"ffn_mult": 8.0}}, "must divide the 6 query heads"),
+         ValueError, "replace_with_linear"),
+        ({"attention": {"n_heads_in_group": 3}, "ffn": {"ffn_mult": None, "no_op": True}}, ValueError, "ffn has"),
+        ({"attention": {"n_heads_in_group": 3, "window_length": 128}, "ffn": {"ffn_mult": 8.0}}, ValueError,
+         "window_length"),
+        ({"attention": {"n_heads_in_group": 4}, "ffn": {"ffn_mult": 8.0}}, StrictDataclassClassValidationError,
+         "must divide the 6 query heads"),
     ],
 )
-def test_config_refuses_blocks_it_cannot_run(block, message):
-    with pytest.raises(Exception, match=message):
+def test_config_refuses_blocks_it_cannot_run(block, error, message):  # read blocks: ValueError; checks: wrapped
+    with pytest.raises(error, match=message):
         DeciLMConfig(hidden_size=48, num_attention_heads=6, num_hidden_layers=1, block_configs=[block])
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import BLOCK_REHEAD, assert_matches_reference, logits, randomise, read_json
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file, save_file
 
 import rehead  # noqa: F401
@@ -94,7 +95,7 @@ def test_cache_holds_only_the_fused_heads_and_generate_matches_the_full_forward(
 
 
 def test_config_refuses_maps_that_skip_a_head():
-    with pytest.raises(Exception, match="using every one"):
+    with pytest.raises(StrictDataclassClassValidationError, match="using every one"):
         DHAConfig(hidden_size=24, num_attention_heads=6, num_hidden_layers=1, key_heads_per_layer=[3],
                   key_head_of_query=[[0, 0, 1, 1, 1, 1]])
 

@@ -47,23 +47,40 @@ def registered():
     AttentionMaskInterface._global_mapping.pop(EQUAL_HEAD_DIMS)
 
 
-def test_the_stand_in_refuses_wide_values():
-    """The stand-in kernel is strict: the one-call noise attention (values 3·d wide) does not pass it."""
-    model = gda_model(6, 6, 2, attn="sdpa")
-    model.config._attn_implementation = EQUAL_HEAD_DIMS
-    attn = model.model.layers[0].self_attn
-    query, key = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
-    with pytest.raises(AssertionError, match="head dims differ: q 4, k 4, v 12"):
-        equal_head_dims(attn.noise, query, key, torch.randn(1, 2, 5, 12), None, scaling=0.5)
+def test_the_model_reaches_the_stand_in_with_equal_head_dims_and_its_one_call_path_would_not(monkeypatch):
+    """The equal-head-dims path is the model's own: each layer calls the stand-in twice (signal heads, then
+    the noise heads repeated over their 3 V heads each), always with equal head dims; the one-call noise
+    path of sdpa and eager (values 3·d wide) meets the stand-in's refusal."""
+    from rehead.layouts import modeling_gda
+
+    calls = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        calls.append((query.shape[1], query.shape[-1], key.shape[-1], value.shape[-1]))
+        return equal_head_dims(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, EQUAL_HEAD_DIMS, recording)
+    model = gda_model(6, 6, 2, attn=EQUAL_HEAD_DIMS)
+    ids = torch.randint(0, 50, (1, 5))
+    with torch.no_grad():
+        model(ids)
+    assert calls == [(6, 4, 4, 4), (6, 4, 4, 4)] * 2  # 2 layers × (6 signal heads, 2 noise heads × 3 V heads)
+    monkeypatch.setattr(modeling_gda, "WIDE_VALUE_KERNELS", (*modeling_gda.WIDE_VALUE_KERNELS, EQUAL_HEAD_DIMS))
+    with pytest.raises(AssertionError, match="head dims differ: q 4, k 4, v 12"), torch.no_grad():
+        model(ids)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_the_equal_head_dims_path_matches_sdpa(name):
+def test_the_equal_head_dims_path_matches_sdpa(name, monkeypatch):
+    calls = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, EQUAL_HEAD_DIMS,
+                        lambda *args, **kwargs: calls.append(1) or equal_head_dims(*args, **kwargs))
     ids = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         expected = MODELS[name]("sdpa")(ids).logits
         got = MODELS[name](EQUAL_HEAD_DIMS)(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(calls) >= 2  # every layer (2) went through the strict stand-in, not around it
 
 
 @pytest.mark.parametrize("name", ["gda-noise-spans-3-values", "dha"])

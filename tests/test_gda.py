@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import assert_matches_reference, logits, read_json
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file, save_file
 
 import rehead  # noqa: F401
@@ -127,7 +128,7 @@ def test_configs_with_one_lambda_init_still_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     again = GDAConfig.from_pretrained(tmp_path)
     assert (again.gda_lambda, again.gda_lambda_init) == ("plain", [0.0, 0.0])
-    with pytest.raises(Exception, match="gda_lambda_init has 3 values for 2 layers"):
+    with pytest.raises(StrictDataclassClassValidationError, match="gda_lambda_init has 3 values for 2 layers"):
         GDAConfig(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, gda_noise_heads=2,
                   gda_lambda_init=[0.1, 0.2, 0.3])
 
@@ -298,7 +299,8 @@ def test_repurpose_turns_the_least_important_head_into_the_noise_head(tiny, tmp_
     config = read_json(out / "config.json")
     assert (config["num_attention_heads"], config["gda_noise_heads"], config["num_key_value_heads"]) == (3, 1, 3)
     reference = logits(src, IDS)
-    assert (logits(out, IDS) - reference).abs().max() < 0.1  # the dropped head barely mattered
+    # the dropped head barely mattered: measured 1.7e-4 (CPU-2, 2026-12-02), where the logits reach 0.40
+    assert (logits(out, IDS) - reference).abs().max() < 1e-3
     weights = load_file(out / "model.safetensors")
     source_q = tensors["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(weights["model.layers.0.self_attn.noise.q_proj.weight"], source_q[8:16])

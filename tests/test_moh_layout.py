@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import assert_matches_reference, randomise
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import LlamaConfig
 
 import rehead  # noqa: F401  (registers the layouts)
@@ -232,7 +233,7 @@ def test_zero_routers_give_unit_gates():
 )
 def test_config_refuses_what_it_cannot_honour(values, message):
     base = dict(hidden_size=24, num_attention_heads=6, num_hidden_layers=2)
-    with pytest.raises(Exception, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(StrictDataclassClassValidationError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         MoHConfig(**base, **values)
 
 

@@ -8,9 +8,10 @@ import yaml
 from hub_server import FakeHub
 
 from rehead.app.cli import main
+from rehead.card import card
 from rehead.convert import convert
 from rehead.errors import ReheadError
-from rehead.hub import card, files_to_upload, push
+from rehead.hub import files_to_upload, push
 
 OPTIONS = {
     "moh": dict(to="moh", active_heads=4, shared_heads=2, router="learned"),

@@ -264,7 +264,9 @@ def test_schedules():
     assert lin[0] == 1.0 and abs(lin[50] - 0.55) < 1e-2 and abs(lin[-1] - 0.1) < 0.01
     assert set(factors("constant")) == {1.0}
     wsd = factors("wsd", **{"optim.decay_fraction": 0.2})
-    assert set(wsd[:80]) == {1.0} and wsd[80] <= 1.0 and wsd[90] < 0.6 and wsd[-1] < 0.2
+    assert set(wsd[:80]) == {1.0} and wsd[80] == 1.0 and wsd[90] < 0.6 and wsd[-1] < 0.2
+    # the last 20% decays linearly from 1 to min_lr/lr = 0.1: step s has 0.1 + 0.9·(100 − s)/20
+    assert wsd[80:] == pytest.approx([0.1 + 0.9 * (100 - s) / 20 for s in range(80, 100)], abs=1e-12)
 
 
 def test_every_shipped_recipe_is_valid():

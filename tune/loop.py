@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from rehead import models, text, writer
+from rehead.checkpoint import sha256_file
 from rehead.errors import ReheadError
+from rehead.files import check_disjoint, check_writable
 from rehead.provenance import EvalPoint, Provenance, TuneRecord
 from rehead.sampled import Sampler
 from rehead.sources import resolve
@@ -114,11 +116,56 @@ def _fault(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def check_output_dir(recipe: Recipe) -> None:
+    """Refuses an output_dir that is a file, cannot be written, or overlaps the model or the teacher (the
+    export replaces output_dir/model)."""
+    out = Path(recipe.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ReheadError(f"output_dir {out}: is a file; give a folder (it holds checkpoints, logs and the model)")
+    check_writable(out, f"output_dir {out}")
+    for key in ("model", "teacher"):
+        spec = getattr(recipe, key)
+        if spec is not None and Path(spec).expanduser().exists():
+            check_disjoint(Path(spec).expanduser(), out, f"output_dir (it overlaps {key} {spec})")
+
+
+def run_identity(recipe: Recipe, processes: int) -> dict:
+    """What a checkpoint must share with this run to be resumed by it: the model (its name and files'
+    hashes) and the recipe's fields that decide the data a step sees and the shapes trained."""
+    source = resolve(recipe.model, recipe.revision).path
+    files = {p.name: sha256_file(p) for p in sorted(source.iterdir())
+             if p.suffix in (".safetensors", ".bin") or p.name == "config.json"}
+    return {"model": recipe.model, "model_files": files, "teacher": recipe.teacher,
+            "data": recipe.data.model_dump(mode="json", include={"train", "seq_len", "streaming", "shuffle_buffer"}),
+            "global_batch": recipe.train.micro_batch * recipe.train.grad_accum * processes, "seed": recipe.seed,
+            "trainable": recipe.trainable, "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None}
+
+
+def check_belongs(checkpoint: Path, identity: dict, explicit: bool) -> None:
+    """Refuses to resume a checkpoint of another run, saying which run it is."""
+    recorded = json.loads((checkpoint / STATE).read_text()).get("run")
+    if recorded is None and explicit:
+        log.warning("%s does not record its run (an older rehead wrote it); resuming it as resume: asked", checkpoint)
+        return
+    if recorded == identity:
+        return
+    if recorded is None:
+        raise ReheadError(f"{checkpoint}: an older rehead wrote it without recording its run, so it cannot be told "
+                          "apart from another model's; give resume: that folder to continue it, or another output_dir")
+    differ = [key for key in identity if recorded.get(key) != identity[key]]
+    held = f"model {recorded.get('model')!r}" + (" (other files)" if "model_files" in differ else "")
+    raise ReheadError(
+        f"{checkpoint}: a checkpoint of another run ({held}, data {recorded.get('data', {}).get('train')!r}); this "
+        f"recipe differs in {', '.join(differ)}. Use another output_dir, or remove {checkpoint.parent} to start over"
+    )
+
+
 class Trainer:
     def __init__(self, recipe: Recipe):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        check_output_dir(recipe)
         self.recipe = recipe
         self.out = Path(recipe.output_dir).expanduser()
         trackers = {"none": None, "csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}[recipe.log]
@@ -147,6 +194,7 @@ class Trainer:
             logging.getLogger("accelerate").setLevel(logging.WARNING)
         self.device = self.acc.device
         self.ckpt_root = self.out / "checkpoints"
+        self.identity = run_identity(recipe, self.acc.num_processes)
 
     # ---- setup -------------------------------------------------------------------------------
     def _load(self):
@@ -209,10 +257,13 @@ class Trainer:
             return None
         if r.resume == "auto":
             found = _checkpoints(self.ckpt_root)
+            if found:
+                check_belongs(found[-1], self.identity, explicit=False)
             return found[-1] if found else None
         path = Path(r.resume).expanduser()
         if not (path / STATE).is_file():
             raise ReheadError(f"resume: {r.resume} is not a rehead tune checkpoint (no {STATE} in it)")
+        check_belongs(path, self.identity, explicit=True)
         return path
 
     def save_checkpoint(self, step: int, state: dict) -> Path:
@@ -391,7 +442,8 @@ class Trainer:
                 if acc.is_main_process:
                     bar.write(f"step {step}: held-out perplexity {history[-1]['eval_ppl']:.3f}")
             if (r.train.save_every and step % r.train.save_every == 0) or step == total:
-                last_good = self.save_checkpoint(step, {"step": step, "tokens": tokens_seen, "history": history})
+                last_good = self.save_checkpoint(step, {"step": step, "tokens": tokens_seen, "history": history,
+                                                        "run": self.identity})
             _fault(step)
         bar.close()
         final = self.export(objective, tokenizer, source, step, tokens_seen, history)

@@ -187,7 +187,12 @@ def load(path: str | Path | None, overrides: list[str] = (), values: dict | None
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ReheadError(f"override {item!r}: write KEY=VALUE, e.g. optim.lr=1e-5")
-        _set(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ReheadError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                              "write a YAML value, e.g. optim.betas=[0.9,0.95]") from None
+        _set(tree, key.strip(), value)
     try:
         return schema.model_validate(tree)
     except ValidationError as e:

@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 import sys
+import time
+import traceback
 from pathlib import Path
 from types import UnionType
 from typing import Literal, Union, get_args, get_origin
@@ -15,7 +17,7 @@ from pydantic_core import PydanticUndefined
 
 from rehead.convert.options import flag
 from rehead.errors import ReheadError
-from rehead.files import write_text
+from rehead.files import cache_dir, write_text
 from rehead.text import HELDOUT_TEXTS
 
 log = logging.getLogger("rehead")
@@ -49,7 +51,9 @@ def cmd_convert(args) -> int:
 
 def cmd_perplexity(args) -> int:
     from rehead import metrics, models, text
+    from rehead.validate import check_device
 
+    check_device(args.device)
     rows = []
     for spec in args.models:
         model, tokenizer, _ = models.load(spec, args.dtype, args.device)
@@ -151,6 +155,19 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def _count(least: int):
+    """An argparse type: an integer of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {least}")
+        return value
+    return parse
+
+
 SOURCE_HELP = "built-in name (smollm2-135m, smollm2-135m-mha), local folder or hub id"
 
 
@@ -228,7 +245,7 @@ def add_eval(sub) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tasks", help="lm-eval task names, comma-separated")
     g.add_argument("--suite", help="moh14, commonsense or offline")
-    p.add_argument("--num-fewshot", type=int, help="shots for every task (default: the suite's, or 0)")
+    p.add_argument("--num-fewshot", type=_count(0), help="shots for every task (default: the suite's, or 0)")
     p.add_argument("--limit", type=float, help="examples per task (a count, or a fraction below 1)")
     p.add_argument("--batch-size", default="1", help="N or auto (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
@@ -236,7 +253,7 @@ def add_eval(sub) -> None:
     p.add_argument("--out", help="report folder (default: CANDIDATE/eval for a local candidate)")
     p.add_argument("--min-retention", type=float, metavar="PERCENT",
                    help="exit with status 1 when the average retention is below this percentage, e.g. 95")
-    p.add_argument("--bootstrap-iters", type=int, default=1000, help="bootstrap samples for stderrs (default 1000)")
+    p.add_argument("--bootstrap-iters", type=_count(0), default=1000, help="bootstrap samples for stderrs (default 1000)")
     p.add_argument("--no-cache", action="store_true", help="score the baseline even if cached results exist")
     p.set_defaults(func=cmd_eval)
 
@@ -260,8 +277,8 @@ def add_pipeline(sub) -> None:
     p.add_argument("src", nargs="?", help="source (default: the recipe's source, the embedded smollm2-135m)")
     p.add_argument("--layouts", help="comma-separated layouts (default: the recipe's layouts)")
     p.add_argument("--work", help="working folder (default: the recipe's work)")
-    p.add_argument("--steps", type=int, help="tuning steps per layout (default: the recipe's tune.train.max_steps)")
-    p.add_argument("--limit", type=int, help="eval examples per task (0: all; default: the recipe's eval.limit)")
+    p.add_argument("--steps", type=_count(1), help="tuning steps per layout (default: the recipe's tune.train.max_steps)")
+    p.add_argument("--limit", type=_count(0), help="eval examples per task (0: all; default: the recipe's eval.limit)")
     p.add_argument("--overwrite", action="store_true", help="redo the pipeline in an existing --work folder")
     p.set_defaults(func=cmd_pipeline)
 
@@ -272,9 +289,9 @@ def add_perplexity(sub) -> None:
     p.add_argument("--text", nargs="+", default=list(HELDOUT_TEXTS), metavar="SPEC",
                    help="text specs, one column each (default: the held-out texts of three kinds, "
                         f"{' '.join(HELDOUT_TEXTS)})")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens scored (default 16384)")
-    p.add_argument("--seq-len", type=int, default=512, help="block length (default 512)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tokens", type=_count(1), default=16384, help="tokens scored (default 16384)")
+    p.add_argument("--seq-len", type=_count(2), default=512, help="block length (default 512)")
+    p.add_argument("--batch-size", type=_count(1), default=4)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_perplexity)
@@ -314,28 +331,56 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated)  # a killed run cleans up like Ctrl-C
     try:
         return args.func(args)
-    except ReheadError as e:
-        print(f"rehead {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            where = f" writing {e.filename}" if e.filename else ""
-            print(f"rehead {args.command}: error: the disk is full ({e.strerror}){where}; free space or write to "
-                  "another folder and run the same command again (nothing half-written was kept)", file=sys.stderr)
-            return 2
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            print(f"rehead {args.command}: error: {e.strerror}: {e.filename}; choose a folder you can write to",
-                  file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         print(f"rehead {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130
+    except Exception as e:  # every error ends in one line; an unforeseen one also leaves its traceback
+        return _report(args.command, e, args.verbose)
     finally:
         # main() called in-process (tests, notebooks) must not leave its handler behind: a Python-level
         # SIGTERM handler inherited by a later fork (lm-eval's bootstrap pool) can lose the pool's
         # terminate signal in the child's start-up and hang the parent's join
         signal.signal(signal.SIGTERM, previous)
+
+
+def _report(command: str, e: Exception, verbose: bool) -> int:
+    """One line on stderr: exit 2 for what rehead foresees (bad input, a full or read-only disk, a missing
+    file); exit 1 for anything else, with the full traceback written to a file (or shown with -v)."""
+    if isinstance(e, ReheadError):
+        print(f"rehead {command}: error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"rehead {command}: error: the disk is full ({e.strerror}){where}; free space or write to "
+              "another folder and run the same command again (nothing half-written was kept)", file=sys.stderr)
+        return 2
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        print(f"rehead {command}: error: {e.strerror}: {e.filename}; choose a folder you can write to",
+              file=sys.stderr)
+        return 2
+    if isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR) and e.filename:
+        print(f"rehead {command}: error: {e.strerror}: {e.filename}; check the path", file=sys.stderr)
+        return 2
+    trace = "".join(traceback.format_exception(e))
+    if verbose:
+        sys.stderr.write(trace)
+    where = _save_traceback(command, trace)
+    summary = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    kept = f"the traceback is in {where}" if where else "the traceback could not be saved; run with -v to see it"
+    print(f"rehead {command}: unexpected error: {type(e).__name__}: {summary[:300]} ({kept}; please report it, "
+          "this input is not checked yet)", file=sys.stderr)
+    return 1
+
+
+def _save_traceback(command: str, trace: str) -> Path | None:
+    folder = cache_dir() / "errors"
+    path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(trace)
+    except OSError:
+        return None
+    return path
 
 
 if __name__ == "__main__":

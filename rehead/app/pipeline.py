@@ -25,11 +25,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rehead import metrics, models, text
+from rehead.card import card
 from rehead.convert import CONVERTERS, ConvertOptions, convert, options_for
 from rehead.describe import describe
 from rehead.errors import ReheadError
 from rehead.eval import evaluate
-from rehead.hub import card
 from rehead.sources import resolve
 from rehead.tune import load as load_tune
 from rehead.tune import tune
@@ -142,6 +142,8 @@ def run(p: Pipeline) -> dict:
     recipes = {layout: p.tune_recipe(work / layout, p.presets[layout].trainable, work / f"tune-{layout}")
                for layout in p.layouts}
     recipes[CONTROL] = p.tune_recipe(p.source, p.control.trainable, work / "tune-source")
+    if work.exists() and not work.is_dir():
+        raise ReheadError(f"--work {work}: is a file; give a folder")
     if work.exists() and any(work.iterdir()) and not p.overwrite:
         raise ReheadError(f"{work} exists and is not empty; pass --overwrite to redo the pipeline there")
     work.mkdir(parents=True, exist_ok=True)
