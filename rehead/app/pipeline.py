@@ -33,7 +33,6 @@ from rehead.eval import evaluate
 from rehead.sources import resolve
 from rehead.tune import load as load_tune
 from rehead.tune import tune
-from rehead.tune.data import mixture
 from rehead.tune.recipe import Recipe
 from rehead.tune.recipe import load as load_recipe
 
@@ -285,7 +284,7 @@ def notes(recipe: dict, tuning: dict) -> list[str]:
     """What the table's numbers are, with the settings that made them: the pipeline recipe and the
     resolved tune recipe."""
     presets, limit = recipe["presets"], recipe["eval"]["limit"]
-    mix = ", ".join(f"{spec}: {weight:g}" for spec, weight in mixture(tuning["data"]["train"]))
+    mix = ", ".join(f"{spec}: {weight:g}" for spec, weight in text.mixture(tuning["data"]["train"]))
     conversions = "; ".join(f"{layout} {_options(presets[layout]['convert'])}" for layout in recipe["layouts"])
     trainable = ", ".join(f"{layout}: {presets[layout]['trainable']}" for layout in recipe["layouts"])
     lighter = "; ".join(_lighter(recipe["lighter"], name) for name in recipe["lighter"])
