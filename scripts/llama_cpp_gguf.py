@@ -13,6 +13,14 @@ One choice differs from the converter's own: its DeciLM class (``conversion/deci
 other BPE tokenizer (SmolLM2's 49152 tokens) stops with "Cannot find Llama BPE tokenizer".
 For a DeciLM checkpoint whose tokenizer.json is BPE and that has no sentencepiece model, this
 script subclasses the class to take the GPT-2 path, as the converter does for LLaMA itself.
+
+A second: a DeepSeek-V2/V3 checkpoint with ``q_lora_rank: null`` (a plain q_proj, as rehead's MLA
+export writes). The converter (``conversion/deepseek.py``) then writes no
+``deepseek2.attention.q_lora_rank`` key, and llama.cpp (``src/models/deepseek2.cpp``) requires it
+unless the model has 26 or 27 layers (or 48 with a 128,256-token vocabulary): any other depth stops
+with "key not found in model: deepseek2.attention.q_lora_rank". This script writes the key as 0,
+the value with which llama.cpp reads the plain ``attn_q.weight`` (exact: the same tensor, no extra
+parameters).
 """
 
 import argparse
@@ -49,6 +57,18 @@ if config.get("architectures") == ["DeciLMForCausalLM"] and bpe and not (Path(mo
             self._set_vocab_gpt2()
 
     ModelBase.register("DeciLMForCausalLM")(BPEDeciModel)
+if config.get("architectures") in (["DeepseekV3ForCausalLM"], ["DeepseekV2ForCausalLM"]) and \
+        config.get("q_lora_rank") is None:
+    deepseek = get_model_class(config["architectures"][0])
+
+    class PlainQueryDeepseekModel(deepseek):
+        model_arch = deepseek.model_arch
+
+        def set_gguf_parameters(self):
+            super().set_gguf_parameters()
+            self.gguf_writer.add_q_lora_rank(0)  # llama.cpp: 0 reads the plain attn_q.weight
+
+    ModelBase.register(config["architectures"][0])(PlainQueryDeepseekModel)
 convert_hf_to_gguf.main()
 """
 

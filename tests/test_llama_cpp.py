@@ -1,4 +1,5 @@
-"""A real external client serves the DeciLM export: llama.cpp, through llama-cpp-python.
+"""A real external client serves the DeciLM export and a DeepSeek-V3 checkpoint: llama.cpp, through
+llama-cpp-python. ``check_deepseek_v3_in_llama_cpp`` takes any DeepSeek-V3 checkpoint folder.
 
 Runs wherever llama_cpp is importable (``pip install llama-cpp-python`` builds llama.cpp from
 source); the GGUF converter is the one vendored in the sdist of the installed version (see
@@ -16,12 +17,13 @@ from conftest import read_json
 from rehead import metrics, models, text
 from rehead.convert import convert
 
-pytestmark = pytest.mark.real
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python: it builds llama.cpp from "
                         "source, about 25 minutes on 2 cores)")
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
-from llama_cpp_gguf import llama_cpp_tree, perplexity, to_gguf  # noqa: E402  (scripts/ is not a package)
+from bench_llama_cpp import KV_LINE  # noqa: E402  (scripts/ is not a package)
+from llama_cpp_gguf import llama_cpp_tree, perplexity, to_gguf  # noqa: E402
+from test_vllm import random_deepseek_v3, shakespeare_blocks, torch_perplexity  # noqa: E402
 
 TOKENS, SEQ_LEN = 1024, 512
 
@@ -44,6 +46,40 @@ def llama_cpp_perplexity(path: Path, blocks: torch.Tensor, flash_attn: bool) -> 
         llm.close()
 
 
+def kv_cache_mib(path: Path, n_ctx: int) -> tuple[float, float]:
+    """The K and V MiB llama.cpp allocates for ``n_ctx`` tokens (its own log line, from its stderr)."""
+    script = (f"import llama_cpp; llama_cpp.Llama({str(path)!r}, n_ctx={n_ctx}, n_batch=512, flash_attn=True, "
+              "n_threads=2, verbose=True).close()")
+    log = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stderr
+    match = KV_LINE.search(log)
+    assert match, log[-2000:]
+    return float(match.group(2)), float(match.group(4))
+
+
+def check_deepseek_v3_in_llama_cpp(folder: Path, work: Path, blocks: torch.Tensor, tree: Path) -> dict:
+    """llama.cpp's converter and runtime take the DeepSeek-V3 checkpoint ``folder`` (f32 GGUF) as MLA: its KV
+    cache holds one f16 latent + rope vector per token and layer, no V. Returns its perplexity on ``blocks``
+    beside transformers' (the caller holds them to 1%)."""
+    config = read_json(folder / "config.json")
+    path = to_gguf(folder, work / "deepseek.gguf", "f32", tree)
+    k, v = kv_cache_mib(path, SEQ_LEN)
+    latent = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    assert v == 0, (k, v)
+    per_token = k * 2**20 / (SEQ_LEN * config["num_hidden_layers"])  # the log gives MiB to 2 decimals
+    assert abs(per_token - 2 * latent) < 1, (k, latent)
+    return {"served": llama_cpp_perplexity(path, blocks, flash_attn=True),
+            "expected": torch_perplexity(folder, blocks), "kv_bytes_per_token_per_layer": round(per_token)}
+
+
+def test_random_deepseek_v3_with_a_plain_query_runs_in_llama_cpp(tmp_path, tree):
+    # 30 layers: llama.cpp requires the q_lora_rank key there, which its converter omits for null
+    folder = random_deepseek_v3(tmp_path / "ckpt", layers=30)
+    figures = check_deepseek_v3_in_llama_cpp(folder, tmp_path, shakespeare_blocks(folder), tree)
+    assert figures["kv_bytes_per_token_per_layer"] == 1152
+    assert abs(figures["served"] / figures["expected"] - 1) < 0.01, figures
+
+
+@pytest.mark.real
 def test_deci_export_runs_in_llama_cpp_with_its_per_layer_kv_heads(smollm2, tmp_path, tree):
     import gguf
 
