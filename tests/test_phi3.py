@@ -129,7 +129,7 @@ def partial_rotary_outside(config: dict) -> dict:
     (lambda c: {**c, "rope_parameters": {**c["rope_parameters"], "partial_rotary_factor": 0.5}},
      "partial_rotary_factor 0.5: RoPE turns only that fraction"),
     (lambda c: {**c, "sliding_window": 16}, "sliding_window=16 and max_position_embeddings=512: a token attends"),
-    (lambda c: {**c, "intermediate_size": None}, "intermediate_size is None; it must be a positive integer"),
+    (lambda c: {**c, "intermediate_size": None}, "intermediate_size = None: must be a positive integer"),
     (lambda c: {**c, "num_key_value_heads": 1}, "qkv_proj.weight has 96 rows, but config.json's .* give 48"),
 ])
 def test_what_the_llama_form_cannot_hold_is_refused(tmp_path, change, message):
