@@ -17,6 +17,7 @@ from .engine import Rewriter
 from .engine import convert as run
 from .gda import GDARewriter
 from .mha import MHARewriter
+from .mla import MLARewriter
 from .moh import MoHRewriter
 from .options import ConvertOptions, options_error
 
@@ -34,6 +35,7 @@ register(MHARewriter)
 register(MoHRewriter)
 register(DHARewriter)
 register(GDARewriter)
+register(MLARewriter)
 
 
 def register_export(rewriter: type[Rewriter]) -> type[Rewriter]:

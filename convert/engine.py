@@ -131,6 +131,11 @@ class Rewriter:
         """The source's decoder layer holding ``tensors``, run on the calibration inputs."""
         return build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
 
+    def outer_tensors(self, names: list[str], read) -> dict[str, torch.Tensor | None]:
+        """The tensors outside the decoder layers to write, ``read(name)`` giving the source's: a new
+        tensor, or None for the source's unchanged (by default every one of ``names`` unchanged)."""
+        return dict.fromkeys(names)
+
     def target_config(self) -> dict:
         raise NotImplementedError
 
@@ -288,11 +293,12 @@ class TensorSink:
         self.writer.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
 
-def write_outer_tensors(job: SourceReader, sink: TensorSink, device: str) -> Calibration | None:
-    """Writes the tensors outside the decoder layers; returns the first layer's calibration inputs."""
+def write_outer_tensors(job: SourceReader, rewriter: Rewriter, sink: TensorSink, device: str) -> Calibration | None:
+    """Writes the tensors outside the decoder layers; returns the first layer's calibration inputs (the
+    source's embeddings)."""
     calibration = None
-    for name in job.other_names:
-        sink.write(name, None, unchanged=True)
+    for name, tensor in rewriter.outer_tensors(job.other_names, job.reader.get).items():
+        sink.write(name, tensor, unchanged=tensor is None)
         if job.calib_ids is not None and name == "model.embed_tokens.weight":
             hidden = job.reader.get(name)[job.calib_ids].float().to(device)
             positions = torch.arange(job.calib_ids.shape[1], device=device).expand(len(job.calib_ids), -1)
@@ -387,7 +393,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, rewriter: Rewr
     with ThreadPoolExecutor(1) as pool, atomic_output(out, options.overwrite) as tmp:
         hashes = pool.submit(job.reader.file_hashes)
         sink = TensorSink(job.reader, tmp, dtype, options.max_shard_gb)
-        calibration = write_outer_tensors(job, sink, options.device)
+        calibration = write_outer_tensors(job, rewriter, sink, options.device)
         if rewriter.needs_planning:
             plan_pass(job, rewriter, calibration, options.device)
         identity_errors = convert_pass(job, rewriter, sink, calibration, options)
