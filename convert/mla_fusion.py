@@ -37,7 +37,8 @@ x whitened by C this is the activation-aware SVD (CARE, SVD-LLM-V2): it keeps wh
 kv_a_layernorm, made linear. DeepSeek normalises the latent: y = γ ⊙ u / √(mean(u²) + ε), ε = 1e-6.
 With u = s·c and γ = √ε / s, y = c / √(1 + s²·mean(c²)/ε): choosing s so that
 s²·max_n mean(c_n²) = NORM_LINEARITY·ε over the calibration tokens leaves y = c to a relative
-1 − 1/√(1 + NORM_LINEARITY) ≈ 5e-6 on them (measured per layer and reported).
+1 − 1/√(1 + NORM_LINEARITY) ≈ 5e-6 on them (rehead.json's plan: norm_linear_to); a held-out token
+whose latent is k times larger in mean square deviates k times more.
 
 Query scale: DeepSeek divides the logit by √(qk_nope + qk_rope) = √(d + R), the source by √d;
 every query row is multiplied by √((d + R) / d).
