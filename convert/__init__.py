@@ -17,6 +17,7 @@ from .engine import convert as run
 from .gda import GDARewriter
 from .gda_growth import GDAGrowthRewriter
 from .mha import MHARewriter
+from .mla import MLARewriter
 from .moh import MoHRewriter
 from .options import ConvertOptions, options_error
 from .rewriter import Rewriter
@@ -41,6 +42,7 @@ register(MHARewriter)
 register(MoHRewriter)
 register(DHARewriter)
 register(GDARewriter)
+register(MLARewriter)
 register_variant(DeciRewriter)
 register_variant(GDAGrowthRewriter)
 

@@ -150,11 +150,12 @@ class TensorSink:
         self.writer.add(name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
 
 
-def write_outer_tensors(job: SourceReader, sink: TensorSink, device: str) -> Calibration | None:
-    """Writes the tensors outside the decoder layers; returns the first layer's calibration inputs."""
+def write_outer_tensors(job: SourceReader, rewriter: Rewriter, sink: TensorSink, device: str) -> Calibration | None:
+    """Writes the tensors outside the decoder layers; returns the first layer's calibration inputs (the
+    source's embeddings)."""
     calibration = None
-    for name in job.other_names:
-        sink.write(name, None, unchanged=True)
+    for name, tensor in rewriter.outer_tensors(job.other_names, job.reader.get).items():
+        sink.write(name, tensor, unchanged=tensor is None)
         if job.calib_ids is not None and name == "model.embed_tokens.weight":
             hidden = job.reader.get(name)[job.calib_ids].float().to(device)
             positions = torch.arange(job.calib_ids.shape[1], device=device).expand(len(job.calib_ids), -1)
@@ -254,7 +255,7 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, kind: type[Rew
     with ThreadPoolExecutor(1) as pool, atomic_output(out, options.overwrite) as tmp:
         hashes = pool.submit(job.reader.file_hashes)
         sink = TensorSink(job.reader, tmp, dtype, options.max_shard_gb)
-        calibration = write_outer_tensors(job, sink, options.device)
+        calibration = write_outer_tensors(job, rewriter, sink, options.device)
         allotments = plan_pass(job, rewriter, calibration, options.device) if rewriter.needs_planning else None
         plans, identity_errors = convert_pass(job, rewriter, sink, calibration, options, allotments)
         job.reader.close()

@@ -24,6 +24,9 @@ that calibrates, ``layer_module`` have no default):
                                     before anything is written
     needs_tensor(name)              without calibration: which layer tensors it reads (the rest
                                     are copied unread)
+    outer_tensors(names, read) -> {name: tensor | None}
+                                    the tensors outside the decoder layers (``read(name)`` gives
+                                    the source's): a new tensor, or None for the source's unchanged
     source_module(index, tensors, llama, device)  the source's decoder layer, run on calibration text
     observe_layer(layer) -> O       planning pass: what the source layer measures
     allot(observations) -> [A]      once, after planning: what each layer is given; A arrives in
@@ -138,6 +141,9 @@ class Rewriter:
 
     def source_module(self, index: int, tensors: dict[str, torch.Tensor], llama_config, device: str) -> nn.Module:
         return build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
+
+    def outer_tensors(self, names: list[str], read) -> dict[str, torch.Tensor | None]:
+        return dict.fromkeys(names)
 
     def observe_layer(self, layer: LayerInput) -> Any:
         return None
