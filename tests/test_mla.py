@@ -184,6 +184,25 @@ def test_cache_holds_the_latent_and_both_caches_generate_alike(tiny, tmp_path, c
     assert loaded["class"] == "DeepseekV3ForCausalLM" and loaded["new_tokens"] == 6 and loaded["static_equal"]
 
 
+def test_tuning_the_export_trains_the_attention_and_keeps_a_stock_checkpoint(tiny, tmp_path, calib_file):
+    import re
+
+    from test_tune import recipe, weights
+
+    from rehead.tune import tune
+
+    mla = to_mla(tiny("gqa", rms_norm_eps=1e-5), tmp_path, calib_file, kv_budget=0.5)
+    out = tune(recipe(tmp_path, mla, calib_file, trainable="attention", **{"optim.weight_decay": 0.0})).model
+    config = read_json(out / "config.json")
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"] and "auto_map" not in config
+    assert config["kv_lora_rank"] == read_json(mla / "config.json")["kv_lora_rank"]
+    before, after = weights(mla), weights(out)
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(re.search(r"\.self_attn\.", k) for k in changed)
+    assert load_without_rehead(out, [[5, 17, 99]], tmp_path)["class"] == "DeepseekV3ForCausalLM"
+
+
 @pytest.mark.real
 def test_real_model_exports_as_stock_deepseek(smollm2, tmp_path):
     """smollm2-135m at half its KV cache: plain from_pretrained, the reference's logits, the latent cache,
