@@ -38,6 +38,7 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         "kv_cache_bytes_per_token_bf16": kv_cache_bytes(k_heads, v_heads, head_dim),
         "options": layout.layout_facts(reader.get) if layout else {},
     }
+    info.update(latent_cache(config))
     record = Provenance.load(folder)
     if record is not None and record.source is not None:
         info["source"] = record.source.id
@@ -45,6 +46,19 @@ def describe(folder: Path, allow_pickle: bool = False) -> dict:
         info["family"] = family.title
         info["if_converted"] = if_converted(heads, kv, layers, head_dim)
     return info
+
+
+def latent_cache(config: dict) -> dict:
+    """Multi-head latent attention (a DeepSeek config, as ``--to mla`` writes it): each token caches, per
+    layer, one latent of kv_lora_rank values and one RoPE key of qk_rope_head_dim values that every head
+    reads, whatever the head counts; an empty dict for any other attention."""
+    rank, rope = config.get("kv_lora_rank"), config.get("qk_rope_head_dim")
+    if not isinstance(rank, int) or not isinstance(rope, int):
+        return {}
+    return {"layout": "mla", "key_heads_per_layer": None, "value_heads_per_layer": None,
+            "kv_cache_bytes_per_token_bf16": 2 * config["num_hidden_layers"] * (rank + rope),
+            "options": {"kv_lora_rank": rank, "qk_rope_head_dim": rope,
+                        "qk_nope_head_dim": config.get("qk_nope_head_dim"), "v_head_dim": config.get("v_head_dim")}}
 
 
 def if_converted(heads: int, kv: int, layers: int, head_dim: int) -> dict[str, dict]:
@@ -82,7 +96,9 @@ def _stock_layout(heads: int, kv: int) -> str:
 
 
 def format_text(info: dict) -> str:
-    def runs(values: list[int]) -> str:
+    def runs(values: list[int] | None) -> str:
+        if values is None:  # MLA: no K/V heads are cached
+            return "none: one latent and one RoPE key that every head reads"
         return str(values[0]) if len(set(values)) == 1 else " ".join(map(str, values))
 
     lines = [

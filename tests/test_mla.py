@@ -12,6 +12,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Rotar
 
 from rehead import metrics, text
 from rehead.convert import convert, mla_fusion
+from rehead.describe import describe, format_text
 from rehead.errors import ReheadError
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -182,6 +183,9 @@ def test_cache_holds_the_latent_and_both_caches_generate_alike(tiny, tmp_path, c
     assert held == model.config.num_hidden_layers * IDS.numel() * (12 + 4) * 4  # (latent + rope) fp32 values
     loaded = load_without_rehead(out, IDS.tolist(), tmp_path)
     assert loaded["class"] == "DeepseekV3ForCausalLM" and loaded["new_tokens"] == 6 and loaded["static_equal"]
+    info = describe(out)  # rehead inspect: what the cache holds, in bf16
+    assert info["layout"] == "mla" and info["kv_cache_bytes_per_token_bf16"] == model.config.num_hidden_layers * 16 * 2
+    assert "one latent" in format_text(info) and info["key_heads_per_layer"] is None
 
 
 def test_tuning_the_export_trains_the_attention_and_keeps_a_stock_checkpoint(tiny, tmp_path, calib_file):
