@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, 
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
 
 from rehead import metrics, text
+from rehead.card import card
 from rehead.convert import convert, mla_fusion
 from rehead.describe import describe, format_text
 from rehead.errors import ReheadError
@@ -186,6 +187,9 @@ def test_cache_holds_the_latent_and_both_caches_generate_alike(tiny, tmp_path, c
     info = describe(out)  # rehead inspect: what the cache holds, in bf16
     assert info["layout"] == "mla" and info["kv_cache_bytes_per_token_bf16"] == model.config.num_hidden_layers * 16 * 2
     assert "one latent" in format_text(info) and info["key_heads_per_layer"] is None
+    source_bytes = read_json(out / "rehead.json")["source"]["kv_cache_bytes_per_token_bf16"]
+    assert f"{info['kv_cache_bytes_per_token_bf16']:,} bytes per token in bf16" in str(card(out))
+    assert info["kv_cache_bytes_per_token_bf16"] == source_bytes // 2  # --kv-budget 0.5
 
 
 def test_tuning_the_export_trains_the_attention_and_keeps_a_stock_checkpoint(tiny, tmp_path, calib_file):
