@@ -175,3 +175,15 @@ def load_without_rehead(folder: Path, ids: list[list[int]], tmp_path: Path) -> d
 
 
 __all__ = ["VARIANTS", "byte_tokenizer", "load_without_rehead", "logits", "make_checkpoint", "read_json", "save_file", "save_pickled"]
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The Hub stand-in (tests/hub_server.py) on 127.0.0.1, with HF_ENDPOINT and HF_TOKEN pointing at it."""
+    from hub_server import FakeHub
+
+    with FakeHub() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", server.token)
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield server

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import yaml
-from hub_server import FakeHub
 
 from rehead.app.cli import main
 from rehead.card import card
@@ -77,43 +76,34 @@ def test_dry_run_touches_no_network_and_lists_the_files(tiny, tmp_path, calib_fi
     assert not (out / "README.md").exists()  # a dry run writes nothing
 
 
-@pytest.fixture
-def hub(monkeypatch):
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", server.token)
-        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        yield server
-
-
-def test_push_uploads_every_file_byte_identical_and_survives_a_5xx(tiny, tmp_path, calib_file, hub, caplog):
+def test_push_uploads_every_file_byte_identical_and_survives_a_5xx(tiny, tmp_path, calib_file, fake_hub, caplog):
     out = converted(tiny, tmp_path, calib_file, "moh")
-    hub.fail["create"] = [503]  # rehead retries repo creation
-    hub.fail["commit"] = [500]  # huggingface_hub retries the commit
+    fake_hub.fail["create"] = [503]  # rehead retries repo creation
+    fake_hub.fail["commit"] = [500]  # huggingface_hub retries the commit
     result = push(out, "me/tiny-moh", private=True, message="first")
-    stored = hub.repos["me/tiny-moh"]
+    stored = fake_hub.repos["me/tiny-moh"]
     local = {p.relative_to(out).as_posix(): p.read_bytes() for p in files_to_upload(out)}
     assert set(stored["files"]) == set(local) and "README.md" in local
     assert all(stored["files"][name] == data for name, data in local.items())
     assert stored["private"] is True and stored["commits"][0]["summary"] == "first"
     assert result["commit"] == f"{1:040x}"
-    assert hub.cards and hub.cards[-1]["tags"] == ["rehead", "moh"]
-    assert hub.token not in caplog.text  # the token is never logged
+    assert fake_hub.cards and fake_hub.cards[-1]["tags"] == ["rehead", "moh"]
+    assert fake_hub.token not in caplog.text  # the token is never logged
 
 
-def test_a_refused_token_says_so(tiny, tmp_path, calib_file, hub, monkeypatch, capsys):
+def test_a_refused_token_says_so(tiny, tmp_path, calib_file, fake_hub, monkeypatch, capsys):
     out = converted(tiny, tmp_path, calib_file, "dha")
     monkeypatch.setenv("HF_TOKEN", "hf_wrong_token")
     code = main(["push", str(out), "--repo", "me/tiny-dha", "--no-load-check"])
     err = capsys.readouterr().err
     assert code == 2 and "401 Unauthorized" in err and "HF_TOKEN" in err and "Nothing reached the Hub" in err
     assert "hf_wrong_token" not in err
-    assert "me/tiny-dha" not in hub.repos
+    assert "me/tiny-dha" not in fake_hub.repos
 
 
-def test_a_persistent_5xx_fails_clearly_after_retries(tiny, tmp_path, calib_file, hub):
+def test_a_persistent_5xx_fails_clearly_after_retries(tiny, tmp_path, calib_file, fake_hub):
     out = converted(tiny, tmp_path, calib_file, "gda")
-    hub.fail["create"] = [502, 502, 502]
+    fake_hub.fail["create"] = [502, 502, 502]
     with pytest.raises(ReheadError, match=r"502 \(after retries\).*Nothing reached the Hub"):
         push(out, "me/tiny-gda", check_load=False)
 

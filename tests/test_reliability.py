@@ -397,17 +397,6 @@ def test_an_output_folder_gets_the_umasks_mode(tiny, tmp_path, umask, mode):
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == mode & 0o666
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    from hub_server import FakeHub
-
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", server.token)
-        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        yield server
-
-
 @pytest.mark.parametrize("readme", [b"my own notes\n", None])
 def test_a_refused_push_leaves_the_folder_as_it_was(tiny, tmp_path, capsys, monkeypatch, fake_hub, readme):
     from rehead.convert import convert
