@@ -95,7 +95,7 @@ def test_the_recipe_is_refused_before_any_work(tiny, tmp_path):
 
 def test_the_presets_are_the_packaged_recipes():
     assert pipeline.presets() == {"moh": {"to": "moh", "router": "learned"}, "dha": {"to": "dha", "kv_budget": 0.5},
-                                  "gda": {"to": "gda", "ratio": 3}}
+                                  "gda": {"to": "gda", "ratio": 3}, "mla": {"to": "mla", "kv_budget": 0.5}}
     recipe = pipeline.load(["tune.train.max_steps=40"], {"layouts": "dha"})
     assert recipe.layouts == ["dha"] and recipe.tune["train"]["max_steps"] == 40
     assert recipe.conversion("dha").refine_steps == 0 and recipe.conversion("dha").calib_tokens == 4096
