@@ -8,7 +8,8 @@ from rehead import text
 
 pytest.importorskip("lm_eval")
 
-from rehead.app import pipeline  # noqa: E402
+from rehead.app import pipeline
+from rehead.checkpoint import read_config  # noqa: E402
 from rehead.errors import ReheadError  # noqa: E402
 from rehead.provenance import Provenance  # noqa: E402
 
@@ -71,6 +72,18 @@ def test_the_pipeline_runs_every_stage_for_every_layout(tiny, tmp_path, cache):
     primaries = [f"{r['task']} {r['metric']}" for r in control["eval"] if r["primary"]]
     assert len(primaries) == 3 and all(name in table.splitlines()[2] for name in primaries)
     assert "dha: refine_steps=0 (30)" in table and "all: calib_tokens=512 (8192)" in table
+
+
+def test_the_pipeline_runs_mla(tiny, tmp_path, cache):
+    settings = pipeline.load(values={
+        "source": str(tiny("gqa")), "work": str(tmp_path / "work"), "layouts": "mla", "lighter.all.calib_tokens": 512,
+        "tune.train.max_steps": 1, "tune.train.micro_batch": 2, "tune.data.seq_len": 64, "heldout_tokens": 128,
+        "eval.limit": 2})
+    result = pipeline.run(settings)
+    (row,) = result["rows"]
+    assert row["layout"] == "mla" and row["kv_bytes_per_token"] == result["source_kv_bytes_per_token"] // 2
+    assert read_config(tmp_path / "work" / "tune-mla" / "model")["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert "| mla |" in (tmp_path / "work" / "summary.md").read_text()
 
 
 def test_an_existing_work_folder_needs_overwrite(tiny, tmp_path):
