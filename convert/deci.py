@@ -77,6 +77,12 @@ def check_source(config: dict) -> float:
     llama = families.llama_config(config)
     hidden, heads = llama.hidden_size, llama.num_attention_heads
     instead = "convert with --to dha without --export (rehead's own layout, for transformers)"
+    if getattr(llama, "qk_norm", False):
+        raise ReheadError(
+            "per-head q/k norms (q_norm, k_norm: Qwen3): DeciLM (nemotron-nas) is LLaMA's attention per layer, "
+            "with no q/k norms in its block_configs or its tensors, so --export deci would drop them and serve "
+            f"another function; {instead}"
+        )
     if llama.head_dim * heads != hidden:
         raise ReheadError(
             f"head_dim {llama.head_dim} with {heads} heads and hidden_size {hidden}: llama.cpp's deci architecture "

@@ -119,6 +119,15 @@ class DHARewriter(Rewriter):
         self.shared = o.uniform
         self.mean = o.fusion == "mean"
         self.needs_calibration = not identity and not (o.uniform and self.mean)
+        # a source with per-head q/k norms (Qwen3): the fused keys' fit goes into per-head query scales
+        qk_norm = getattr(self.llama, "qk_norm", False)
+        if qk_norm and o.uniform and not self.mean and not identity:
+            raise ReheadError(
+                "--uniform --fusion optimal on a source with per-head q/k norms (Qwen3): the closed form's scales "
+                "must follow q_norm in each query head (DHA's q_pair_scale), which a stock Qwen3 checkpoint cannot "
+                "hold; use --uniform --fusion mean (a stock Qwen3: GQA mean pooling) or drop --uniform (the DHA layout)"
+            )
+        self.assembly.query_scale = qk_norm and self.needs_calibration and not self.mean
         self.needs_planning = self.needs_calibration and self.fixed is None
         self.probe_sequences = PROBE_SEQUENCES if o.allocation == "logits" and self.needs_planning else 0
         needed = 2 * (self.llama.hidden_size + 1)

@@ -11,8 +11,10 @@ from rehead import families
 from rehead.layouts.configuration_dha import DHAConfig
 from rehead.layouts.modeling_dha import DHAAttention, DHADecoderLayer
 
-from .dha_fusion import LayerFusion, augmented, equal_groups
+from .dha_fusion import LayerFusion, NormedKeys, augmented, equal_groups
 from .rewriter import LayerInput, build_layer, llama_values
+
+NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Assembly:
         self.heads = llama.num_attention_heads
         self.kv = llama.num_key_value_heads or self.heads
         self.reads = [i // (self.heads // self.kv) for i in range(self.heads)]
+        self.qk_norm = getattr(llama, "qk_norm", False)  # Qwen3's per-head q/k norms
+        self.query_scale = False  # set by the rewriter: fused keys fold into q_pair_scale (dha_query_scale)
 
     def fusion(self, layer: LayerInput) -> LayerFusion:
         """The layer's heads and, on its calibration text, the second moment of its attention input."""
@@ -42,11 +46,15 @@ class Assembly:
         q = augmented(t["self_attn.q_proj.weight"], bias("q_proj"), self.heads)
         k = augmented(t["self_attn.k_proj.weight"], bias("k_proj"), self.kv)
         v = augmented(t["self_attn.v_proj.weight"], bias("v_proj"), self.kv)
-        width = q.shape[2]
+        width, normed = q.shape[2], None
         if layer.calibration is None:
             moment = torch.eye(width, dtype=torch.float64)  # mean fusion needs no statistics
         else:
             sums = {"moment": torch.zeros(width, width, dtype=torch.float64), "tokens": 0}
+            if self.qk_norm:  # the normalised keys' statistics (dha_fusion's docstring)
+                sums.update(normed=torch.zeros(width, width, dtype=torch.float64),
+                            alpha=torch.zeros(self.kv, dtype=torch.float64),
+                            query=torch.zeros(self.heads, q.shape[1], dtype=torch.float64))
 
             def on_input(module, args, output):
                 x = args[0].flatten(0, 1).double()
@@ -54,10 +62,31 @@ class Assembly:
                 sums["moment"] += (x.T @ x).cpu()
                 sums["tokens"] += len(x)
 
+            def on_key(module, args, output):  # r_j² of every token and KV head, σ² their mean over the heads
+                x = args[0].flatten(0, 1).double()
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+                r2 = output.flatten(0, 1).double().unflatten(-1, (self.kv, -1)).pow(2).mean(-1)  # (N, KV)
+                sigma2 = r2.mean(-1, keepdim=True).clamp_min(1e-30)
+                sums["normed"] += ((x / sigma2).T @ x).cpu()
+                sums["alpha"] += (r2 / sigma2).sum(0).cpu()
+
+            def on_query_norm(module, args, output):
+                sums["query"] += output.flatten(0, 1).double().pow(2).sum(0).cpu()
+
             attn = layer.source_layer.self_attn
-            layer.calibration.run(layer.source_layer, {attn.q_proj: on_input})
+            hooks = {attn.q_proj: on_input}
+            if self.qk_norm:
+                hooks.update({attn.k_proj: on_key, attn.q_norm: on_query_norm})
+            layer.calibration.run(layer.source_layer, hooks)
             moment = sums["moment"] / sums["tokens"]
-        return LayerFusion(q, k, v, t["self_attn.o_proj.weight"], moment, self.reads)
+            if self.qk_norm:
+                n = sums["tokens"]
+                normed = NormedKeys(sums["normed"] / n, (sums["alpha"] / n).sqrt(),
+                                    t["self_attn.k_norm.weight"].double(), sums["query"] / n)
+        fusion = LayerFusion(q, k, v, t["self_attn.o_proj.weight"], moment, self.reads, normed)
+        # the q/k norms (Qwen3) stay as they are: a fused key head is normalised like the source's
+        fusion.norm_weights = {name: t[name] for name in NORMS if name in t}
+        return fusion
 
     def shared_groups(self, fusion: LayerFusion, count: int, mean: bool) -> list[tuple[int, ...]]:
         """``count`` equal groups for K and V alike: contiguous for mean pooling, else grown where the
@@ -79,15 +108,22 @@ class Assembly:
         order = list(range(self.heads))
         if permute:  # each group's readers contiguous: stock grouped-query attention
             order = sorted(order, key=lambda i: (key_of[self.reads[i]], i))
-        q = torch.cat([fusion.fold_query(i, scale[self.reads[i]]) for i in order])
-        k, v = torch.cat(fused_k), torch.cat(fused_v)
         width = fusion.width - 1
-        tensors = {
+        tensors = {}
+        if self.query_scale:  # q_norm divides by the query's RMS: the scales go after it, per head
+            q = torch.cat([fusion.q[i] for i in order])
+            conj = [scale[self.reads[i]].conj() for i in order]
+            tensors["self_attn.q_pair_scale"] = torch.stack([torch.cat([c.real, c.imag]) for c in conj])
+        else:
+            q = torch.cat([fusion.fold_query(i, scale[self.reads[i]]) for i in order])
+        k, v = torch.cat(fused_k), torch.cat(fused_v)
+        tensors.update(fusion.norm_weights)
+        tensors.update({
             "self_attn.q_proj.weight": q[:, :width],
             "self_attn.k_proj.weight": k[:, :width],
             "self_attn.v_proj.weight": v[:, :width],
             "self_attn.o_proj.weight": torch.cat([fusion.o[:, i] @ vmap[self.reads[i]].T for i in order], dim=1),
-        }
+        })
         if self.llama.attention_bias:
             tensors.update({"self_attn.q_proj.bias": q[:, width], "self_attn.k_proj.bias": k[:, width],
                             "self_attn.v_proj.bias": v[:, width]})
@@ -105,6 +141,7 @@ class Assembly:
             value_heads_per_layer=[len(groupings[i].value_groups) if i in groupings else self.kv for i in layers],
             key_head_of_query=[groupings[i].key_of_query if i in groupings else self.reads for i in layers],
             value_head_of_query=[groupings[i].value_of_query if i in groupings else self.reads for i in layers],
+            dha_query_scale=self.query_scale,
         )
         config._attn_implementation = "sdpa"
         return config
@@ -148,7 +185,8 @@ def refine(assembly: Assembly, layer: LayerInput, tensors: dict[str, torch.Tenso
     before = total()
     if before <= 1e-10:  # the closed form is already exact (repeated heads): nothing to refine
         return tensors, {"layer": layer.index, "error_before": round(before, 6), "error_after": round(before, 6)}
-    params = [p for name, p in attn.named_parameters() if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    params = [p for name, p in attn.named_parameters()
+              if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj", "q_pair_scale", "k_norm")]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)

@@ -27,8 +27,24 @@ With a + ib = v_j ω_j, rows t and t + d/2 of the fused key are Σ_j (a w_j^t �
 ω_j^t is the query energy of pair t over the query heads reading j, times s_j, the spread of
 those heads' value outputs through o_proj: a logit error δℓ moves the output by about
 δℓ·s_j, so key errors and value errors are both in units of output energy and can share a budget.
+
+Keys of a source with per-head q/k norms (Qwen3), which divide each head's query and key by its own
+RMS over head_dim before RoPE (weights g_q, g, shared by the heads):
+    n_j = g ⊙ u_j / r_j,  u_j = W_k^j x,  r_j = rms(u_j), a factor of each token and head
+The normalised key is not linear in x, but it is in x̃ = x / σ(x) wherever r_j ≈ a_j·σ(x): with
+σ² the mean of r_j² over the layer's KV heads and a_j² = E[r_j²/σ²], n_j ≈ b̃_j x̃ with rows
+b̃_j = diag(g) W_k^j / a_j. The fit above runs on these rows and C̃ = E[x̃ x̃ᵀ], with ω from
+the normalised queries' own energy, so z̃_j = X̃ b̃_j^t ≈ c_j z̃_f as before. The fused head is
+a key head like the source's, with the same k_norm: its pre-norm rows are W_k^f = diag(1/g)·b̃_f,
+so that g ⊙ n(W_k^f x) = b̃_f x / ρ, ρ = rms(W_k^f x); ρ/σ is about β, β² = tr(W_k^f C̃ W_k^fᵀ)/d,
+and c_j ← β·c_j takes up the mean. The free scale of each pair of b̃_f is fixed so that the members
+average in phase (b̃_f ← b̃_f · e^{−iθ} / Σ_j |v_j ω_j|, θ the phase of the largest v_j ω_j:
+a complex sum could cancel): identical heads then fuse exactly, with c_j = 1 and β = 1. The complex scales still
+commute with RoPE, but no longer fold into q_proj, since q_norm divides by the query's RMS after
+q_proj: each query head carries them after its norm (DHA's ``q_pair_scale``, ``dha_query_scale``).
 """
 
+from dataclasses import dataclass
 from itertools import combinations
 
 import torch
@@ -43,11 +59,27 @@ def augmented(weight: torch.Tensor, bias: torch.Tensor | None, heads: int) -> to
     return torch.cat([w, b], dim=2)
 
 
+@dataclass
+class NormedKeys:
+    """What the fit needs of a source with per-head q/k norms, measured on calibration text: C̃ = E[x̃ x̃ᵀ]
+    with x̃ = x/σ(x), each KV head's a_j (KV,), k_norm's weight g (d,), and each query head's energy per
+    dimension after q_norm (H, d)."""
+
+    moment: torch.Tensor
+    alpha: torch.Tensor
+    gain: torch.Tensor
+    query_energy: torch.Tensor
+
+
 class LayerFusion:
     """Fit errors and fused weights of one layer's K and V heads, from the calibration second moment C."""
 
-    def __init__(self, q, k, v, o_weight, second_moment: torch.Tensor, reads: list[int]):
-        """q: (H, d, D+1), k and v: (KV, d, D+1), o_weight: (D, H·d), reads[i] = g(i)."""
+    def __init__(self, q, k, v, o_weight, second_moment: torch.Tensor, reads: list[int],
+                 normed: NormedKeys | None = None):
+        """q: (H, d, D+1), k and v: (KV, d, D+1), o_weight: (D, H·d), reads[i] = g(i); ``normed`` for a
+        source with q/k norms (the module docstring)."""
+        self.normed = normed
+        self.norm_weights: dict[str, torch.Tensor] = {}  # a source's q/k norms, kept as they are
         self.q, self.k, self.v = q, k, v
         self.heads, self.d, self.width = q.shape
         self.kv = k.shape[0]
@@ -67,10 +99,16 @@ class LayerFusion:
         self.value_gram = A.T @ C @ A
 
         # keys: complex rows per RoPE pair, their Gram matrices, and the weights ω_j^t·s_j
-        self.key_rows = torch.complex(k[:, : self.half], k[:, self.half :])  # (KV, d/2, D+1)
-        Cc = C.to(torch.complex128)
+        if normed is None:
+            rows, key_moment = k, C
+            query_energy = torch.einsum("htd,de,hte->ht", q, C, q)  # (H, d): E[q_t²]
+        else:  # the normalised keys' rows b̃_j = diag(g) W_k^j / a_j, on C̃
+            rows = k * normed.gain.double()[None, :, None] / normed.alpha.double()[:, None, None]
+            key_moment, query_energy = normed.moment.double(), normed.query_energy.double()
+        self.key_moment = key_moment
+        self.key_rows = torch.complex(rows[:, : self.half], rows[:, self.half :])  # (KV, d/2, D+1)
+        Cc = key_moment.to(torch.complex128)
         self.key_gram = torch.einsum("jtd,de,kte->tjk", self.key_rows.conj(), Cc, self.key_rows)  # (d/2, KV, KV)
-        query_energy = torch.einsum("htd,de,hte->ht", q, C, q)  # (H, d): E[q_t²]
         pair_energy = query_energy[:, : self.half] + query_energy[:, self.half :]  # (H, d/2)
         mean = C[:, -1]
         cov = C - torch.outer(mean, mean)
@@ -150,9 +188,23 @@ class LayerFusion:
         idx = torch.tensor(group)
         w = self.key_weights[idx].T.to(torch.complex128)  # (d/2, |S|)
         coef = top * w  # v_j ω_j
+        if self.normed is not None:  # the members in phase, at their own scale (identical heads: exact)
+            largest = coef.gather(1, coef.abs().argmax(1, keepdim=True))[:, 0]
+            phase = largest.conj() / largest.abs().clamp_min(EPS)  # conj(the largest member's phase)
+            coef = coef * (phase / coef.abs().sum(1).clamp_min(EPS))[:, None]
         fused = torch.einsum("ts,std->td", coef, self.key_rows[idx])  # (d/2, D+1) complex
         scales = {j: top[:, n].conj() / w[:, n] for n, j in enumerate(group)}
-        return torch.cat([fused.real, fused.imag]), scales
+        if self.normed is None:
+            return torch.cat([fused.real, fused.imag]), scales
+        return self._normed_key(fused, {j: scales[j] * (top[:, n] * w[:, n] / coef[:, n]) for n, j in enumerate(group)})
+
+    def _normed_key(self, fused: torch.Tensor, scales: dict):
+        """The fused head's pre-norm rows W_k^f = diag(1/g)·b̃_f, and each member's scale times β."""
+        gain = self.normed.gain.double()
+        gain = torch.where(gain.abs() < EPS, torch.full_like(gain, EPS), gain)
+        weight = torch.cat([fused.real, fused.imag]) / gain[:, None]  # (d, D+1)
+        beta = (torch.einsum("td,de,te->", weight, self.key_moment, weight) / self.d).clamp_min(EPS).sqrt()
+        return weight, {j: s * beta for j, s in scales.items()}
 
     def fold_query(self, head: int, scale: torch.Tensor) -> torch.Tensor:
         """Query head ``head``'s (d, D+1) block with every RoPE pair multiplied by conj(scale)."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from rehead import families, text, validate
 from rehead.checkpoint import FLOATS, STORED_DTYPES, CheckpointReader, ShardWriter, read_config
@@ -26,6 +26,7 @@ from rehead.errors import ReheadError
 from rehead.families.llama import LAYER_RE, head_dim_of
 from rehead.files import atomic_output, check_disjoint, check_output
 from rehead.layouts import layout_config
+from rehead.layouts.modeling_stack import SourceDecoderLayer
 from rehead.provenance import CalibrationRecord, Provenance, SourceRecord
 from rehead.sampled import Sampler
 from rehead.sources import Source, card_metadata, resolve
@@ -171,7 +172,7 @@ def sensitivity_pass(job: SourceReader, calibration: Calibration, sequences: int
     norm.weight.data = job.reader.get("model.norm.weight").float()
     head = job.reader.get("lm_head.weight" if "lm_head.weight" in job.other_names else "model.embed_tokens.weight")
     position = tuple(t[:sequences] for t in calibration.position_embeddings)
-    return attention_fisher(lambda i: build_layer(LlamaDecoderLayer, job.llama, i, job.read_layer(i), device),
+    return attention_fisher(lambda i: build_layer(SourceDecoderLayer, job.llama, i, job.read_layer(i), device),
                             job.llama.num_hidden_layers, calibration.hidden[:sequences], position, norm.to(device),
                             head.float().to(device), seed)
 

@@ -184,6 +184,9 @@ class GDARewriter(GDAConversion):
             victims = [min(g, key=lambda i: importance[i].item()) for g in groups]
         noise = self.grown_noise(t, groups) if victims is None else self.repurposed_noise(t, victims)
         t.update({f"self_attn.noise.{name}": w for name, w in noise.items()})
+        for norm in ("q_norm", "k_norm"):  # a source's per-head q/k norms (Qwen3): the noise heads get the same
+            if f"self_attn.{norm}.weight" in t:
+                t[f"self_attn.noise.{norm}.weight"] = t[f"self_attn.{norm}.weight"].clone()
         if self.options.lambda_ == "diff":
             t.update({f"self_attn.{name}": w for name, w in diff_lambda_factors(layer.index, self.head_dim).items()})
         else:

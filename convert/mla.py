@@ -68,10 +68,17 @@ def check_source(llama) -> None:
     ``bias=False`` and drops any bias it is given; transformers has none on q_proj. A value bias
     shifts every head's output and a query or rotated-key bias moves the logits, so neither can go.
     vLLM rewrites every rope type but ``default`` to DeepSeek-YaRN (``rope_type = "deepseek_yarn"``);
-    its ``DeepseekV2MLP`` computes SiLU only, without biases. The sources rehead reads have no q/k
-    norms (``families.check_source`` refuses the families that do).
+    its ``DeepseekV2MLP`` computes SiLU only, without biases. Per-head q/k norms (Qwen3) cannot be
+    held: each head's key is divided by its own RMS, a per-token factor that differs between heads,
+    while DeepSeek's keys are linear in one latent (its ``kv_a_layernorm`` divides the whole latent by
+    one RMS per token), and q_a_layernorm likewise normalises the whole query latent, not each head.
     """
     instead = "convert with --to dha (rehead's own layout, for transformers) instead"
+    if getattr(llama, "qk_norm", False):
+        raise ReheadError("per-head q/k norms (q_norm, k_norm: Qwen3): each head's key is divided by its own RMS "
+                          "before RoPE, and DeepSeek's keys are linear maps of one shared latent (its kv_a_layernorm "
+                          "scales the whole latent by one RMS per token), so the latent cannot compute them; --to mla "
+                          f"cannot hold this model; {instead}")
     if llama.attention_bias:
         raise ReheadError(f"attention_bias: DeepSeek's attention has no q/k/v/o biases in vLLM (bias=False), and a "
                           f"value or query bias changes the output; --to mla cannot hold this model; {instead}")

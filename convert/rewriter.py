@@ -54,9 +54,9 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from rehead import families
+from rehead.layouts.modeling_stack import SourceDecoderLayer
 
 from .options import ConvertOptions
 
@@ -140,7 +140,7 @@ class Rewriter:
         return name.startswith("self_attn.")
 
     def source_module(self, index: int, tensors: dict[str, torch.Tensor], llama_config, device: str) -> nn.Module:
-        return build_layer(LlamaDecoderLayer, llama_config, index, tensors, device)
+        return build_layer(SourceDecoderLayer, llama_config, index, tensors, device)
 
     def outer_tensors(self, names: list[str], read) -> dict[str, torch.Tensor | None]:
         return dict.fromkeys(names)

@@ -71,6 +71,8 @@ def expected_shapes(llama: LlamaConfig) -> tuple[dict[str, tuple[int, ...]], set
     if llama.attention_bias:
         layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
                       "self_attn.o_proj.bias": (hidden,)})
+    if getattr(llama, "qk_norm", False):  # Qwen3's per-head norms
+        layer.update({"self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,)})
     if getattr(llama, "mlp_bias", False):
         layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (hidden,)})
     for index in range(llama.num_hidden_layers):

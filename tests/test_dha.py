@@ -39,7 +39,7 @@ def dha_model(key_map, value_map, heads=6, attn="sdpa", seed=0):
 
 def reference_logits(model, ids):
     """Each query head i attends with key head κ(i) and value head ν(i), written out in float64."""
-    from test_moh_layout import rope
+    from test_moh_layout import head_norm, rope
 
     inner = model.model
     h = inner.embed_tokens.weight.double()[ids]
@@ -52,6 +52,11 @@ def reference_logits(model, ids):
         q = (x @ p["q_proj.weight"].T + p["q_proj.bias"]).view(seq, -1, d)
         k = (x @ p["k_proj.weight"].T + p["k_proj.bias"]).view(seq, -1, d)
         v = (x @ p["v_proj.weight"].T + p["v_proj.bias"]).view(seq, -1, d)
+        q, k = head_norm(p, "q_norm", q, model.config.rms_norm_eps), head_norm(p, "k_norm", k, model.config.rms_norm_eps)
+        if "q_pair_scale" in p:  # each pair (t, t + d/2) of head i times the complex scale a + ib
+            a, b = p["q_pair_scale"].chunk(2, -1)
+            pairs = torch.complex(*q.chunk(2, -1)) * torch.complex(a, b)
+            q = torch.cat([pairs.real, pairs.imag], -1)
         out = torch.zeros_like(h)
         for t in range(seq):
             for i in range(q.shape[1]):

@@ -51,7 +51,7 @@ def reference_lambda(attn, i):
 
 def reference_logits(model, ids):
     """out_i = (A1_i − λ_i·A2_n(i))·V_i, one token and one head at a time, float64."""
-    from test_moh_layout import rope
+    from test_moh_layout import head_norm, rope
 
     inner, config = model.model, model.config
     heads, kv, noise = config.num_attention_heads, config.num_key_value_heads, config.gda_noise_heads
@@ -67,6 +67,9 @@ def reference_logits(model, ids):
             return (x @ p[f"{name}.weight"].T + p[f"{name}.bias"]).view(seq, -1, d)
 
         q, k, v, nq, nk = (project(n) for n in ("q_proj", "k_proj", "v_proj", "noise.q_proj", "noise.k_proj"))
+        eps = config.rms_norm_eps  # the per-head q/k norms of a Qwen3 source, the noise heads' their own
+        q, k = head_norm(p, "q_norm", q, eps), head_norm(p, "k_norm", k, eps)
+        nq, nk = head_norm(p, "noise.q_norm", nq, eps), head_norm(p, "noise.k_norm", nk, eps)
 
         def attention_map(query, keys, t):
             scores = torch.stack([rope(keys[s], cos[s], sin[s]) for s in range(t + 1)]) @ rope(query, cos[t], sin[t])

@@ -11,7 +11,7 @@ from test_flash_path import EQUAL_HEAD_DIMS, registered  # noqa: F401 (the fixtu
 from test_gda import reference_logits as gda_reference
 from test_moh_layout import reference_logits as moh_reference
 from test_serving import generated
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import rehead.layouts.modeling_dha as modeling_dha
 import rehead.layouts.modeling_gda as modeling_gda
@@ -114,21 +114,27 @@ def test_deci_with_the_sources_kv_heads_is_the_llama(attn):
     assert_is_llama(build(DeciLMForCausalLM, config, attn, seed=1), llama(2, attn))
 
 
-def moh(attn, router):
+def normed(name: str) -> bool:
+    """The parameters a test randomises beyond the biases: Qwen3's q/k norms, DHA's query pair scales."""
+    return name.endswith(("q_norm.weight", "k_norm.weight", "q_pair_scale"))
+
+
+def moh(attn, router, qk_norm=False):
     config = MoHConfig(**SHAPE, num_key_value_heads=2, moh_active_heads=3, moh_shared_heads=[[1], [0]],
-                       moh_router=router)
-    return build(MoHForCausalLM, config, attn, also=lambda name: "router" in name)
+                       moh_router=router, qk_norm=qk_norm)
+    return build(MoHForCausalLM, config, attn, also=lambda name: "router" in name or normed(name))
 
 
-def dha(attn):  # layer 0: K and V grouped differently, not contiguous; layer 1: one K/V head for all
+def dha(attn, qk_norm=False):  # layer 0: K and V grouped differently, not contiguous; layer 1: one K/V head for all
     config = DHAConfig(**SHAPE, num_key_value_heads=4, key_heads_per_layer=[3, 1], value_heads_per_layer=[2, 1],
-                       key_head_of_query=[[0, 1, 0, 2], [0] * 4], value_head_of_query=[[1, 0, 0, 1], [0] * 4])
-    return build(DHAForCausalLM, config, attn)
+                       key_head_of_query=[[0, 1, 0, 2], [0] * 4], value_head_of_query=[[1, 0, 0, 1], [0] * 4],
+                       qk_norm=qk_norm, dha_query_scale=qk_norm)
+    return build(DHAForCausalLM, config, attn, also=normed)
 
 
-def gda(attn, kv=4):
-    config = GDAConfig(**SHAPE, num_key_value_heads=kv, gda_noise_heads=2, gda_subln=True)
-    return build(GDAForCausalLM, config, attn, also=lambda name: "diff_lambda" in name or "subln" in name)
+def gda(attn, kv=4, qk_norm=False):
+    config = GDAConfig(**SHAPE, num_key_value_heads=kv, gda_noise_heads=2, gda_subln=True, qk_norm=qk_norm)
+    return build(GDAForCausalLM, config, attn, also=lambda name: "diff_lambda" in name or "subln" in name or normed(name))
 
 
 MODELS = {
@@ -137,6 +143,11 @@ MODELS = {
     "dha": dha,
     "gda-noise-spans-2-values": gda,
     "gda-noise-in-kv-group": lambda attn: gda(attn, kv=2),
+    # Qwen3's per-head q/k norms (the noise heads' own in GDA; DHA's query pair scales after them)
+    "moh-query-norm-qk-norm": lambda attn: moh(attn, "query-norm", qk_norm=True),
+    "moh-learned-qk-norm": lambda attn: moh(attn, "learned", qk_norm=True),
+    "dha-qk-norm": lambda attn: dha(attn, qk_norm=True),
+    "gda-qk-norm": lambda attn: gda(attn, kv=2, qk_norm=True),
 }
 REFERENCES = {"moh": moh_reference, "dha": dha_reference, "gda": gda_reference}
 
@@ -156,3 +167,28 @@ def test_static_cache_generates_what_the_dynamic_cache_does(name):
     dynamic, static = generated(model, "dynamic"), generated(model, "static")
     assert torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.logits, 1), torch.stack(dynamic.logits, 1), atol=1e-5, rtol=1e-5)
+
+
+def qwen3(kv, attn="sdpa") -> Qwen3ForCausalLM:
+    config = Qwen3Config(**{k: v for k, v in SHAPE.items() if k != "attention_bias"}, attention_bias=True,
+                         num_key_value_heads=kv)
+    return build(Qwen3ForCausalLM, config, attn, also=normed)
+
+
+@pytest.mark.parametrize("attn", PATHS)
+@pytest.mark.parametrize("kv", [2, 4], ids=["gqa", "mha"])
+def test_every_layout_at_its_identity_is_the_qwen3(monkeypatch, kv, attn):
+    """With ``qk_norm`` every layout holds Qwen3's per-head norms where Qwen3ForCausalLM has them: MoH with
+    every head active, DHA with one fused head per KV head (pair scales 1 + 0i), GDA at λ = 0."""
+    monkeypatch.setattr(modeling_dha, "FUSED_QUERY_TOKENS", 64)
+    source = qwen3(kv, attn)
+    shape = dict(**SHAPE, num_key_value_heads=kv, qk_norm=True)
+    assert_is_llama(build(MoHForCausalLM, MoHConfig(**shape, moh_active_heads=4, moh_shared_heads=[[1], [0, 2]]),
+                          attn, seed=1), source)
+    dha_model = build(DHAForCausalLM, DHAConfig(**shape, dha_query_scale=True), attn, seed=1)
+    assert_is_llama(dha_model, source, missing=[f"model.layers.{i}.self_attn.q_pair_scale" for i in range(2)])
+    noise = [f"model.layers.{i}.self_attn.{name}" for i in range(2)
+             for name in ("diff_lambda", "noise.q_proj.weight", "noise.q_proj.bias", "noise.k_proj.weight",
+                          "noise.k_proj.bias", "noise.q_norm.weight", "noise.k_norm.weight")]
+    assert_is_llama(build(GDAForCausalLM, GDAConfig(**shape, gda_noise_heads=2), attn, seed=1, also=normed), source,
+                    missing=noise)

@@ -34,6 +34,13 @@ def rope(x, cos, sin):
     return torch.cat([x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]], -1)
 
 
+def head_norm(params: dict, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """A per-head RMSNorm over head_dim (Qwen3's q_norm, k_norm) where ``params`` has ``name``.weight: x / rms(x) · g."""
+    if f"{name}.weight" not in params:
+        return x
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * params[f"{name}.weight"]
+
+
 def reference_gates(attn, x_t, q_t):
     """Gates of one token from the formulas. x_t: (D,), q_t: (H, d) before RoPE."""
     heads = q_t.shape[0]
@@ -71,12 +78,14 @@ def reference_attention(attn, x, cos, sin):
     q = (x @ p["q_proj.weight"].T + p["q_proj.bias"]).view(seq, heads, d)
     k = (x @ p["k_proj.weight"].T + p["k_proj.bias"]).view(seq, -1, d)
     v = (x @ p["v_proj.weight"].T + p["v_proj.bias"]).view(seq, -1, d)
+    eps = attn.config.rms_norm_eps
+    qn, kn = head_norm(p, "q_norm", q, eps), head_norm(p, "k_norm", k, eps)  # the router reads q as q_proj gives it
     out = torch.zeros(seq, x.shape[1], dtype=torch.float64)
     for t in range(seq):
         gates = reference_gates(attn, x[t], q[t])
         for i in range(heads):
-            qi = rope(q[t, i], cos[t], sin[t])
-            keys = torch.stack([rope(k[s, i // group], cos[s], sin[s]) for s in range(t + 1)])
+            qi = rope(qn[t, i], cos[t], sin[t])
+            keys = torch.stack([rope(kn[s, i // group], cos[s], sin[s]) for s in range(t + 1)])
             weights = torch.softmax(keys @ qi / math.sqrt(d), 0)
             head = weights @ v[: t + 1, i // group]
             out[t] += gates[i] * (p["o_proj.weight"][:, i * d : (i + 1) * d] @ head)
@@ -253,12 +262,11 @@ def test_conversion_records_the_gate_gradient(tiny, tmp_path):
     from rehead.errors import ReheadError
 
     out = convert(tiny("gqa"), tmp_path / "moh", to="moh", active_heads=4, shared_heads=2, shared="first",
-                  gate_gradient="none")
+                  router="query-norm", gate_gradient="none")
     assert read_json(out / "config.json")["moh_gate_gradient"] == "none"
     assert read_json(out / "rehead.json")["plan"]["gate_gradient"] == "none"
-    with pytest.raises(ReheadError, match="--gate-gradient none applies to the query-norm router"):
-        convert(tiny("gqa"), tmp_path / "learned", to="moh", active_heads=4, shared_heads=2, router="learned",
-                gate_gradient="none")
+    with pytest.raises(ReheadError, match="--gate-gradient none applies to the query-norm router.*add --router query-norm"):
+        convert(tiny("gqa"), tmp_path / "learned", to="moh", active_heads=4, shared_heads=2, gate_gradient="none")
 
 
 def test_router_logits_stay_float32_under_bf16_autocast():

@@ -20,6 +20,7 @@ from .llama import Llama, with_o_proj_bias
 from .mistral import Mistral
 from .phi3 import Phi3
 from .qwen2 import Qwen2
+from .qwen3 import Qwen3
 
 FAMILIES: dict[str, Llama] = {}
 
@@ -34,6 +35,7 @@ register(Llama())
 register(Mistral())
 register(Qwen2())
 register(Phi3())
+register(Qwen3())
 
 
 def family_of(config: dict, where: str) -> Llama:

@@ -14,14 +14,20 @@ class DHAConfig(LlamaConfig):
     key_heads_per_layer / value_heads_per_layer: how many K and V heads each layer keeps
         (the KV cache holds only these).
     key_head_of_query / value_head_of_query: per layer, for every query head, the K (V) head it reads.
+    dha_query_scale: each query head multiplies every RoPE pair of its normalised query by a complex
+        scale (``self_attn.q_pair_scale``, (heads, head_dim): the real parts, then the imaginary
+        parts), where a fused key head's fit is folded into the queries of a source with q/k norms
+        (Qwen3), whose q_proj cannot hold it.
     """
 
     model_type = "rehead_dha"
 
+    qk_norm: bool = False  # the source's per-head q/k norms before RoPE (Qwen3)
     key_heads_per_layer: list | None = None
     value_heads_per_layer: list | None = None
     key_head_of_query: list | None = None
     value_head_of_query: list | None = None
+    dha_query_scale: bool = False
 
     # what rehead's inspect and model card say about the layout
     layout_summary = ("decoupled-head attention (DHA, Chen et al. 2024): similar key heads and similar value heads "

@@ -32,6 +32,7 @@ class GDAConfig(LlamaConfig):
 
     model_type = "rehead_gda"
 
+    qk_norm: bool = False  # the source's per-head q/k norms before RoPE (Qwen3)
     gda_noise_heads: int = 1
     gda_subln: bool = False
     gda_lambda: str = "plain"

@@ -28,6 +28,7 @@ class MoHConfig(LlamaConfig):
 
     model_type = "rehead_moh"
 
+    qk_norm: bool = False  # the source's per-head q/k norms before RoPE (Qwen3)
     moh_active_heads: int | None = None
     moh_shared_heads: list | None = None
     moh_router: str = "query-norm"

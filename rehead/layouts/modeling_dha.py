@@ -13,10 +13,11 @@ This file travels inside converted checkpoints: it imports only torch and transf
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from .configuration_dha import DHAConfig
 from .modeling_cache import LayoutCacheMixin
-from .modeling_stack import LayoutAttention, LayoutDecoderLayer, LayoutForCausalLM, LayoutModel, attend, softmax_weights
+from .modeling_stack import LayoutAttention, LayoutDecoderLayer, LayoutForCausalLM, LayoutModel, attend, project, softmax_weights
 
 # Up to this many query tokens per step (decoding), a layer whose K and V are not plain grouped-query
 # attention attends against the fused heads themselves (`fused_attention`); above it (prefill,
@@ -61,6 +62,22 @@ class DHAAttention(LayoutAttention):
         self.num_key_value_groups = group if self.grouped else 1
         # key_of_query, value_of_query and the three ``fused_slots`` maps
         self.index_maps = (self.key_of_query, self.value_of_query, *fused_slots(self.key_of_query, self.value_of_query))
+        self.q_pair_scale = nn.Parameter(torch.empty(heads, self.head_dim)) if config.dha_query_scale else None
+
+    def project_states(self, hidden_states, position_embeddings):
+        """LLaMA's queries (with their pair scales, ``dha_query_scale``), keys and values. A complex scale
+        a + ib of RoPE pair (t, t + d/2) commutes with RoPE's rotation of that pair, so it is applied to
+        the rotated query: q·a + rotate_half(q)·b."""
+        query, key, value = project(self, hidden_states, position_embeddings)
+        if self.q_pair_scale is not None:
+            real, imag = self.q_pair_scale.to(query.dtype)[:, None].chunk(2, -1)  # (H, 1, d/2) each
+            query = query * torch.cat([real, real], -1) + rotate_half(query) * torch.cat([imag, imag], -1)
+        return query, key, value, None
+
+    def init_layout_parameters(self) -> None:
+        if self.q_pair_scale is not None:  # the scale 1 + 0i: the source's queries
+            with torch.no_grad():
+                self.q_pair_scale.copy_(torch.cat([torch.ones(self.head_dim // 2), torch.zeros(self.head_dim // 2)]))
 
     def fused_attention(self, query, key, value, attention_mask):
         """Attention of every query head against the fused heads, each read once.
@@ -105,7 +122,7 @@ class DHAModel(LayoutModel):
 
 class DHAForCausalLM(LayoutCacheMixin, LayoutForCausalLM):
     # what the conversion made (rehead tune's `trainable: new`): the fused key and value projections
-    _rehead_new_parameters = (r"\.self_attn\.[kv]_proj\.",)
+    _rehead_new_parameters = (r"\.self_attn\.[kv]_proj\.", r"\.self_attn\.q_pair_scale$")
     model_class = DHAModel
 
 

@@ -23,7 +23,16 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_gda import GDAConfig
 from .modeling_cache import LayoutCacheMixin
-from .modeling_stack import LayoutAttention, LayoutDecoderLayer, LayoutForCausalLM, LayoutModel, attend, project, softmax_weights
+from .modeling_stack import (
+    LayoutAttention,
+    LayoutDecoderLayer,
+    LayoutForCausalLM,
+    LayoutModel,
+    attend,
+    head_norms,
+    project,
+    softmax_weights,
+)
 
 # Up to this many query tokens per step (decoding), `decode_attention` combines the signal and noise
 # maps before they meet V; above it (prefill, training), both maps go through the attention kernel.
@@ -44,6 +53,7 @@ class NoiseAttention(nn.Module):
         width = config.gda_noise_heads * config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        head_norms(config, self)  # a source's per-head q/k norms (Qwen3): the noise heads have them too
 
 
 # the attention kernels that take values wider than the queries and keys; others (flash) get equal head dims

@@ -80,9 +80,14 @@ class MoHAttention(LayoutAttention):
         return gates.index_copy(-1, routed, routed_gates)
 
     def project_states(self, hidden_states, position_embeddings):
-        """LLaMA's queries, keys and values, and the heads' gates (None with every head active)."""
-        query_states, key_states, value_states = project(self, hidden_states, position_embeddings)
-        gates = None if self.all_active else self.gates(hidden_states, query_states)  # RoPE keeps the norms
+        """LLaMA's queries, keys and values, and the heads' gates (None with every head active).
+
+        The query-norm router reads each head's query as q_proj gives it: RoPE keeps its norm, but a
+        source's per-head q_norm (Qwen3) divides it by its own RMS, which would leave every head
+        nearly the same score (README, "Sources")."""
+        raw = []
+        query_states, key_states, value_states = project(self, hidden_states, position_embeddings, raw_queries=raw)
+        gates = None if self.all_active else self.gates(hidden_states, raw[0].transpose(1, 2))
         return query_states, key_states, value_states, gates
 
     def attention_step(self, query, key, value, attention_mask, gates, **kwargs):

@@ -30,14 +30,33 @@ from transformers.models.llama.modeling_llama import (
 )
 
 
-def project(module, hidden_states: torch.Tensor, position_embeddings, values: bool = True) -> list[torch.Tensor]:
-    """``module``'s queries, keys (rotated by RoPE) and values, each (batch, heads, seq, head_dim)."""
+def project(module, hidden_states: torch.Tensor, position_embeddings, values: bool = True,
+            raw_queries: list | None = None) -> list[torch.Tensor]:
+    """``module``'s queries, keys (rotated by RoPE) and values, each (batch, heads, seq, head_dim).
+
+    A module with ``q_norm`` and ``k_norm`` (a source with per-head q/k norms, Qwen3) normalises each
+    head's query and key over head_dim before RoPE, as Qwen3Attention does. ``raw_queries``, a list,
+    receives the queries as q_proj gives them, before any norm or RoPE (B, T, H, d).
+    """
     shape = (*hidden_states.shape[:-1], -1, module.head_dim)
     names = ("q_proj", "k_proj", "v_proj") if values else ("q_proj", "k_proj")
-    states = [getattr(module, name)(hidden_states).view(shape).transpose(1, 2) for name in names]
+    states = [getattr(module, name)(hidden_states).view(shape) for name in names]
+    if raw_queries is not None:
+        raw_queries.append(states[0])
+    if getattr(module, "q_norm", None) is not None:
+        states[0], states[1] = module.q_norm(states[0]), module.k_norm(states[1])
+    states = [state.transpose(1, 2) for state in states]
     cos, sin = position_embeddings
     states[0], states[1] = apply_rotary_pos_emb(states[0], states[1], cos, sin)
     return states
+
+
+def head_norms(config, module: nn.Module) -> None:
+    """Gives ``module`` Qwen3's per-head q/k norms (an RMSNorm over head_dim, weights shared by the
+    heads) where ``config.qk_norm`` says the source had them; ``project`` applies them."""
+    if getattr(config, "qk_norm", False):
+        module.q_norm = LlamaRMSNorm(module.head_dim, eps=config.rms_norm_eps)
+        module.k_norm = LlamaRMSNorm(module.head_dim, eps=config.rms_norm_eps)
 
 
 def softmax_weights(scores: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -67,7 +86,8 @@ def attend(attention, module, query, key, value, attention_mask, **kwargs):
 
 
 class LayoutAttention(LlamaAttention):
-    """LLaMA's attention with the layout's own step between the cache and ``o_proj``.
+    """LLaMA's attention with the layout's own step between the cache and ``o_proj``; with
+    ``config.qk_norm``, the per-head q/k norms of Qwen3's attention before RoPE (``head_norms``).
 
     A layout overrides ``attention_step`` and, where the cache holds more than the rotated keys and the
     values or its step needs more than the queries, ``project_states``; ``init_layout_parameters`` starts
@@ -77,6 +97,7 @@ class LayoutAttention(LlamaAttention):
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
+        head_norms(config, self)
         self.index_maps: tuple[list[int], ...] = ()
         self._index = {}
 
@@ -134,6 +155,13 @@ class LayoutDecoderLayer(LlamaDecoderLayer):
     def layer_sizes(config, layer_idx: int):
         """The config this layer's LLaMA modules are built at: the model's, unless a format sizes layers one by one."""
         return config
+
+
+class SourceDecoderLayer(LayoutDecoderLayer):
+    """A source's decoder layer in the LLaMA form: LLaMA's, with the per-head q/k norms where
+    ``config.qk_norm`` (Qwen3's layer, which the conversion engine runs on calibration text)."""
+
+    attention_class = LayoutAttention
 
 
 class LayoutPreTrainedModel(LlamaPreTrainedModel):
