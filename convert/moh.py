@@ -68,8 +68,10 @@ class MoHOptions(ConvertOptions):
                           "(0.75; rounds to the nearest count, halves down)")
     shared_heads: float = Field(0.5, description="always-on heads: a count or a fraction; fewer than the active heads")
     router: Literal["query-norm", "learned"] = Field(
-        "query-norm", description="query-norm: parameter-free, a routed head's logit is its query's norm over the std "
-                                  "across routed heads; learned: the paper's two-stage router with its load balance")
+        "learned", description="learned (default: the lower held-out perplexity on every kind, BENCHMARKS.md): the "
+                               "paper's two-stage router with its load balance, started from a fit on calibration "
+                               "text; query-norm (the released MoH-LLaMA3-8B's): parameter-free, a routed head's logit "
+                               "is its query's norm over the std across routed heads")
     gate_gradient: Literal["straight-through", "none"] = Field(
         "straight-through", description="query-norm router in training: a softmax gradient through the 0/1 gates "
                                         "(rehead's addition), or none (the released MoH-LLaMA3-8B)")
@@ -108,7 +110,8 @@ class MoHRewriter(Rewriter):
         if self.options.router == "learned" and self.options.gate_gradient != "straight-through":
             raise ReheadError(
                 f"--gate-gradient {self.options.gate_gradient} applies to the query-norm router; the learned "
-                "router's gates are its softmax weights, differentiable by design: drop --gate-gradient"
+                "router (the default) has gates that are its softmax weights, differentiable by design: add "
+                "--router query-norm (the released MoH-LLaMA3-8B's routing), or drop --gate-gradient"
             )
         self.n_shared = n_shared
         self.routing = self.active < heads

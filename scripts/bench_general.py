@@ -30,6 +30,8 @@ from rehead.provenance import Provenance
 
 VARIANTS = {
     "moh": presets()["moh"],  # the pipeline's: learned router, 7 of 9 heads, 4 shared
+    "moh-query-norm": dict(to="moh", router="query-norm"),  # the released MoH-LLaMA3-8B's router, shared calibrated
+    "moh-learned": dict(to="moh", router="learned"),
     "dha-2/3": dict(to="dha", kv_budget=0.6667),
     "dha-1/3": dict(to="dha", kv_budget=0.3334),
     "dha-2/3-refine": dict(to="dha", kv_budget=0.6667, refine_steps=30),
@@ -41,7 +43,7 @@ VARIANTS = {
     "dha-2/3-logits-refine100": dict(to="dha", kv_budget=0.6667, allocation="logits", refine_steps=100),
     "dha-1/3-refine100": dict(to="dha", kv_budget=0.3334, refine_steps=100),
 }
-AIMS = {name: 1.3 if name == "moh" else 1.5 if "2/3" in name else 5.0 for name in VARIANTS}
+AIMS = {name: 1.3 if name.startswith("moh") else 1.5 if "2/3" in name else 5.0 for name in VARIANTS}
 
 
 def slug(*names: str) -> str:

@@ -296,7 +296,7 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tiny, tmp_path, c
 
 @pytest.mark.real
 def test_the_cpu_recipe_tunes_the_real_model_end_to_end(smollm2, tmp_path):
-    moh = convert("smollm2-135m", tmp_path / "moh", to="moh", shared="first")  # no calibration: fast
+    moh = convert("smollm2-135m", tmp_path / "moh", to="moh", shared="first", router="query-norm")  # no calibration: fast
     r = load(ROOT / "recipes" / "smollm2-135m-moh.yaml", [
         f"model={moh}", f"output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.micro_batch=2",
         "data.seq_len=64", "data.eval_tokens=256", "train.save_every=0", "train.eval_every=0",
