@@ -175,3 +175,17 @@ def test_inspect_reads_a_qwen3_source(tmp_path):
     per_head = 2 * 16 * 2  # one K or V head over 2 layers in bf16
     would = {flags: row["kv_cache_bytes_per_token_bf16"] for flags, row in info["if_converted"].items()}
     assert would["--to mha"] == 8 * per_head and would["--to dha --kv-budget 0.5"] == 2 * per_head
+
+
+def test_a_qwen3_conversion_is_scored_against_its_source(tmp_path, calib_file):
+    pytest.importorskip("lm_eval")
+    from rehead.eval import evaluate
+
+    src = make_qwen3(tmp_path / "src", kv=2)
+    dha = convert(src, tmp_path / "dha", to="dha", kv_budget=0.5, refine_steps=0, calib=str(calib_file),
+                  calib_tokens=512, calib_seq_len=128)
+    outcome = evaluate(str(dha), str(src), tasks="rehead_cloze,rehead_pydoc_ppl", limit=4, out=tmp_path / "ev",
+                       use_cache=False)
+    assert {r["task"] for r in outcome.rows} == {"rehead_cloze", "rehead_pydoc_ppl"}
+    ppl = next(r for r in outcome.rows if r["metric"] == "word_perplexity")
+    assert ppl["delta"] != 0 and 0 < ppl["retention"] < 1000  # the conversion, not its source, was scored
