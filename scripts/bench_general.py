@@ -42,8 +42,14 @@ VARIANTS = {
     "dha-1/3-logits-refine": dict(to="dha", kv_budget=0.3334, allocation="logits", refine_steps=30),
     "dha-2/3-logits-refine100": dict(to="dha", kv_budget=0.6667, allocation="logits", refine_steps=100),
     "dha-1/3-refine100": dict(to="dha", kv_budget=0.3334, refine_steps=100),
+    # MLA at half the cache (192 of 384 cached values per token and layer), split between the latent and the RoPE key
+    "mla-1/2": dict(to="mla", kv_budget=0.5),  # rank 160 + rope 32 (head_dim / 2)
+    "mla-1/2-rope16": dict(to="mla", kv_budget=0.5, rope_dim=16),  # rank 176 + rope 16
+    "mla-1/2-rope64": dict(to="mla", kv_budget=0.5, rope_dim=64),  # rank 128 + rope 64
+    "mla-rank384-rope32": dict(to="mla", kv_rank=384, rope_dim=32),  # a full-rank latent: the RoPE key's cost alone
 }
-AIMS = {name: 1.3 if name.startswith("moh") else 1.5 if "2/3" in name else 5.0 for name in VARIANTS}
+AIMS = {name: 1.3 if name.startswith("moh") else 1.4 if name.startswith("mla") else 1.5 if "2/3" in name else 5.0
+        for name in VARIANTS}
 
 
 def slug(*names: str) -> str:

@@ -189,3 +189,17 @@ def test_a_qwen3_conversion_is_scored_against_its_source(tmp_path, calib_file):
     assert {r["task"] for r in outcome.rows} == {"rehead_cloze", "rehead_pydoc_ppl"}
     ppl = next(r for r in outcome.rows if r["metric"] == "word_perplexity")
     assert ppl["delta"] != 0 and 0 < ppl["retention"] < 1000  # the conversion, not its source, was scored
+
+
+def test_a_qwen3_checkpoint_without_its_norms_is_refused_by_name(tmp_path, capsys):
+    """A Qwen3 config whose weights lack the k_norm of a layer (a LLaMA checkpoint relabelled, say) is refused
+    from the shard headers before any work, naming the tensor."""
+    from safetensors.torch import save_file
+
+    src = make_qwen3(tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "moh"]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.self_attn.k_norm.weight" in err and "lack" in err and not (tmp_path / "out").exists()
