@@ -263,6 +263,6 @@ def convert(source_spec: str, out: Path, options: ConvertOptions, kind: type[Rew
         sink.writer.finish()
         config = {**rewriter.target_config(plans), "dtype": str(dtype).removeprefix("torch.")}
         rewriter.write_extras(tmp, plans)
-        finish(tmp, config, provenance(job, options, rewriter, plans, hashes.result(), identity_errors),
+        finish(tmp, config, provenance(job, rewriter.options, rewriter, plans, hashes.result(), identity_errors),
                job.source.path, job.tokenizer)
     return out

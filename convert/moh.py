@@ -67,11 +67,12 @@ class MoHOptions(ConvertOptions):
         0.75, description="heads each token uses, shared heads included: a count (7) or a fraction of the heads "
                           "(0.75; rounds to the nearest count, halves down)")
     shared_heads: float = Field(0.5, description="always-on heads: a count or a fraction; fewer than the active heads")
-    router: Literal["query-norm", "learned"] = Field(
-        "learned", description="learned (default: the lower held-out perplexity on every kind, BENCHMARKS.md): the "
-                               "paper's two-stage router with its load balance, started from a fit on calibration "
-                               "text; query-norm (the released MoH-LLaMA3-8B's): parameter-free, a routed head's logit "
-                               "is its query's norm over the std across routed heads")
+    router: Literal["query-norm", "learned"] | None = Field(
+        None, description="learned: the paper's two-stage router with its load balance, started from a fit on "
+                          "calibration text; query-norm (the released MoH-LLaMA3-8B's): parameter-free, a routed "
+                          "head's logit is its query's norm (before a q_norm) over the std across routed heads. "
+                          "Default, by measurement on every held-out kind (BENCHMARKS.md): learned, and query-norm "
+                          "for a source with per-head q/k norms (Qwen3)")
     gate_gradient: Literal["straight-through", "none"] = Field(
         "straight-through", description="query-norm router in training: a softmax gradient through the 0/1 gates "
                                         "(rehead's addition), or none (the released MoH-LLaMA3-8B)")
@@ -97,6 +98,9 @@ class MoHRewriter(Rewriter):
 
     def __init__(self, options: MoHOptions, source_config: dict):
         super().__init__(options, source_config)
+        if options.router is None:  # the default measured best for this kind of source (BENCHMARKS.md)
+            router = "query-norm" if getattr(self.llama, "qk_norm", False) else "learned"
+            self.options = options = options.model_copy(update={"router": router})
         heads = self.heads
         self.active = head_count(self.options.active_heads, heads, "--active-heads")
         n_shared = head_count(self.options.shared_heads, heads, "--shared-heads")
@@ -110,8 +114,8 @@ class MoHRewriter(Rewriter):
         if self.options.router == "learned" and self.options.gate_gradient != "straight-through":
             raise ReheadError(
                 f"--gate-gradient {self.options.gate_gradient} applies to the query-norm router; the learned "
-                "router (the default) has gates that are its softmax weights, differentiable by design: add "
-                "--router query-norm (the released MoH-LLaMA3-8B's routing), or drop --gate-gradient"
+                "router (the default for this source) has gates that are its softmax weights, differentiable by "
+                "design: add --router query-norm (the released MoH-LLaMA3-8B's routing), or drop --gate-gradient"
             )
         self.n_shared = n_shared
         self.routing = self.active < heads

@@ -203,3 +203,14 @@ def test_a_qwen3_checkpoint_without_its_norms_is_refused_by_name(tmp_path, capsy
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "moh"]) == 2
     err = capsys.readouterr().err
     assert "model.layers.1.self_attn.k_norm.weight" in err and "lack" in err and not (tmp_path / "out").exists()
+
+
+def test_the_default_router_is_the_one_measured_best_for_the_source(tmp_path, tiny, calib_file):
+    """--router's default: learned for a source without q/k norms, query-norm (reading the query before
+    q_norm) for one with them (BENCHMARKS.md "MoH's default router"); rehead.json records which."""
+    calib = dict(calib=str(calib_file), calib_tokens=512, calib_seq_len=128, active_heads=3, shared_heads=1)
+    for source, router in ((make_qwen3(tmp_path / "qwen3", kv=2), "query-norm"), (tiny("gqa"), "learned")):
+        out = convert(source, tmp_path / router, to="moh", **calib)
+        assert read_json(out / "config.json")["moh_router"] == router
+        assert read_json(out / "rehead.json")["options"]["router"] == router
+        assert any("router_routed" in name for name in load_file(out / "model.safetensors")) == (router == "learned")
