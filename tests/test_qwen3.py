@@ -112,10 +112,13 @@ def test_calibrated_conversions_run_and_stay_close(tmp_path, calib_file):
         "gda": convert(src, tmp_path / "gda", to="gda", ratio=1, mode="repurpose", **calib),
     }
     source = logits(src, IDS)
+    # the mean L1 distance of the next-token distributions, measured 0.024, 0.023, 0.013 and 0.032 (CPU-2,
+    # 2026-12-02); another random model of the same config is 0.13 away
+    bounds = {"moh": 0.05, "moh-learned": 0.05, "dha": 0.03, "gda": 0.065}
+    distance = lambda got: (got.softmax(-1) - source.softmax(-1)).abs().sum(-1).mean().item()  # noqa: E731
     for name, out in outs.items():
-        got = logits(out, IDS)
-        assert torch.isfinite(got).all(), name
-        assert (got.softmax(-1) - source.softmax(-1)).abs().sum(-1).mean() < 1.0, name  # not a different model
+        assert distance(logits(out, IDS)) < bounds[name], name
+    assert distance(logits(make_qwen3(tmp_path / "other", kv=2, seed=5), IDS)) > 0.1
     refined = read_json(tmp_path / "dha" / "dha_plan.json")["refinement"]
     assert refined and all(r["error_after"] <= r["error_before"] for r in refined)
 
@@ -188,7 +191,8 @@ def test_a_qwen3_conversion_is_scored_against_its_source(tmp_path, calib_file):
                        use_cache=False)
     assert {r["task"] for r in outcome.rows} == {"rehead_cloze", "rehead_pydoc_ppl"}
     ppl = next(r for r in outcome.rows if r["metric"] == "word_perplexity")
-    assert ppl["delta"] != 0 and 0 < ppl["retention"] < 1000  # the conversion, not its source, was scored
+    assert ppl["delta"] != 0  # the conversion, not its source, was scored
+    assert ppl["retention"] == pytest.approx(100 * ppl["baseline"] / ppl["candidate"])
 
 
 def test_a_qwen3_checkpoint_without_its_norms_is_refused_by_name(tmp_path, capsys):
