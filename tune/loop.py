@@ -74,8 +74,16 @@ def lr_factor(recipe: Recipe, total: int):
     return factor
 
 
-def select_trainable(model, mode: str, lora: bool) -> list[str]:
-    """Sets requires_grad by ``trainable``; returns the names of the trainable parameters."""
+# rehead's MLA export (a stock DeepseekV3ForCausalLM) runs kv_a_layernorm in its linear regime: the latent's rows
+# of kv_a_proj_with_mqa are scaled far below the norm's eps and the norm's weight scales them back (README
+# "MLA"). An optimizer step of the usual size on those tiny weights (Adam moves each by about lr) would lift the
+# latent into the norm's nonlinear range and wreck the function, so tuning leaves these two tensors as converted.
+LINEARISED_LATENT = (r"\.self_attn\.kv_a_proj_with_mqa\.", r"\.self_attn\.kv_a_layernorm\.")
+
+
+def select_trainable(model, mode: str, lora: bool, frozen: tuple[str, ...] = ()) -> list[str]:
+    """Sets requires_grad by ``trainable``, less the parameters ``frozen`` (patterns) names; returns the names
+    of the trainable parameters."""
     base = unwrapped(model)
     if mode == "new":
         patterns = getattr(type(base), "_rehead_new_parameters", None)
@@ -91,7 +99,7 @@ def select_trainable(model, mode: str, lora: bool) -> list[str]:
             wanted = "lora_" in name or (mode == "new" and any(re.search(p, name) for p in patterns))
         else:
             wanted = mode == "all" or any(re.search(p, name) for p in patterns)
-        param.requires_grad_(wanted)
+        param.requires_grad_(wanted and not any(re.search(p, name) for p in frozen))
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise ReheadError(f"trainable: {mode} selects no parameters of {type(base).__name__}; use trainable: all")
@@ -311,9 +319,14 @@ class Trainer:
         return math.exp(total[0].item() / total[1].item())
 
     # ---- the run -----------------------------------------------------------------------------
-    def _prepare(self, model, teacher, total: int):
+    def _prepare(self, model, teacher, total: int, source=None):
         """LoRA, the trainable selection, AdamW, the schedule and the objective, prepared by accelerate."""
         r, acc = self.recipe, self.acc
+        record = Provenance.load(source.path) if source is not None else None
+        frozen = LINEARISED_LATENT if record is not None and record.layout == "mla" else ()
+        if frozen:
+            log.info("%s is rehead's MLA export: kv_a_proj_with_mqa and kv_a_layernorm stay as converted (their "
+                     "norm runs linear only at the converted scale)", r.model)
         if r.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if r.lora is not None:
@@ -321,7 +334,7 @@ class Trainer:
 
             model = get_peft_model(model, LoraConfig(r=r.lora.r, lora_alpha=r.lora.alpha, lora_dropout=r.lora.dropout,
                                                      target_modules=r.lora.target_modules, task_type="CAUSAL_LM"))
-        self.trainable = select_trainable(model, r.trainable, r.lora is not None)
+        self.trainable = select_trainable(model, r.trainable, r.lora is not None, frozen)
         self.flops = flops_per_token(unwrapped(model), r.data.seq_len)
         decay, no_decay = [], []
         for param in model.parameters():
@@ -349,7 +362,14 @@ class Trainer:
 
     def _resume(self, resume: Path, scheduler) -> tuple[int, int, list]:
         """Loads a checkpoint's state; returns (step, tokens seen, held-out history)."""
-        self.acc.load_state(str(resume))
+        try:
+            self.acc.load_state(str(resume))
+        except ValueError as e:  # torch: the optimizer's parameter groups differ from the checkpoint's
+            raise ReheadError(
+                f"{resume}: its optimizer state holds other parameters than this run trains ({len(self.trainable)} "
+                f"tensors: another trainable selection, or a rehead that selects differently: {e}); remove "
+                f"{resume.parent} to start over, or use another output_dir"
+            ) from None
         state = json.loads((resume / STATE).read_text())
         with warnings.catch_warnings():  # stepping a scheduler without its optimizer is the point here
             warnings.simplefilter("ignore", UserWarning)
@@ -416,7 +436,7 @@ class Trainer:
             (self.out / "recipe.yaml").write_text(r.dump())
         model, tokenizer, source, teacher = self._load()
         train, held = self._data(tokenizer, total)
-        objective, optimizer, scheduler = self._prepare(model, teacher, total)
+        objective, optimizer, scheduler = self._prepare(model, teacher, total, source)
         step, tokens_seen, history = self._resume(resume, scheduler) if resume is not None else (0, 0, [])
         self.peak = r.train.peak_tflops or detect_peak_tflops(self.device)
         log.info("tuning %s: %d trainable tensors, %d steps of %d tokens on %d process(es)",
