@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from bench_general import score  # the held-out kinds' perplexity, as every benchmark scores them
+from transformers import AutoTokenizer
 
-from rehead import metrics, text
+from rehead import text
 from rehead.convert import convert
 from rehead.layouts import modeling_moh
 from rehead.layouts.modeling_stack import project
@@ -29,12 +30,6 @@ def after_norm(self, hidden_states, position_embeddings):
     query, key, value = project(self, hidden_states, position_embeddings)
     gates = None if self.all_active else self.gates(hidden_states, query)
     return query, key, value, gates
-
-
-def score(folder: Path, tokenizer, tokens: int) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return {kind: round(metrics.perplexity(model, text.blocks(tokenizer, kind, tokens, 512)), 3)
-            for kind in text.HELDOUT_TEXTS}
 
 
 def main() -> None:

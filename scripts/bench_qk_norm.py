@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import torch
+from bench_general import score  # the held-out kinds' perplexity, as every benchmark scores them
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rehead import builtin, metrics, text
+from rehead import builtin, text
 from rehead.convert import convert
 
 
@@ -65,12 +66,6 @@ def twin(source: Path, folder: Path, calib: str, tokens: int) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def score(folder: Path, tokenizer, tokens: int) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return {kind: round(metrics.perplexity(model, text.blocks(tokenizer, kind, tokens, 512)), 3)
-            for kind in text.HELDOUT_TEXTS}
 
 
 def main() -> None:
