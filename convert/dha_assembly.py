@@ -83,10 +83,9 @@ class Assembly:
                 n = sums["tokens"]
                 normed = NormedKeys(sums["normed"] / n, (sums["alpha"] / n).sqrt(),
                                     t["self_attn.k_norm.weight"].double(), sums["query"] / n)
-        fusion = LayerFusion(q, k, v, t["self_attn.o_proj.weight"], moment, self.reads, normed)
         # the q/k norms (Qwen3) stay as they are: a fused key head is normalised like the source's
-        fusion.norm_weights = {name: t[name] for name in NORMS if name in t}
-        return fusion
+        return LayerFusion(q, k, v, t["self_attn.o_proj.weight"], moment, self.reads, normed,
+                           {name: t[name] for name in NORMS if name in t})
 
     def shared_groups(self, fusion: LayerFusion, count: int, mean: bool) -> list[tuple[int, ...]]:
         """``count`` equal groups for K and V alike: contiguous for mean pooling, else grown where the

@@ -75,11 +75,11 @@ class LayerFusion:
     """Fit errors and fused weights of one layer's K and V heads, from the calibration second moment C."""
 
     def __init__(self, q, k, v, o_weight, second_moment: torch.Tensor, reads: list[int],
-                 normed: NormedKeys | None = None):
+                 normed: NormedKeys | None = None, norm_weights: dict[str, torch.Tensor] | None = None):
         """q: (H, d, D+1), k and v: (KV, d, D+1), o_weight: (D, H·d), reads[i] = g(i); ``normed`` for a
-        source with q/k norms (the module docstring)."""
+        source with q/k norms (the module docstring), whose norm tensors ``norm_weights`` the fused layer keeps."""
         self.normed = normed
-        self.norm_weights: dict[str, torch.Tensor] = {}  # a source's q/k norms, kept as they are
+        self.norm_weights = norm_weights or {}
         self.q, self.k, self.v = q, k, v
         self.heads, self.d, self.width = q.shape
         self.kv = k.shape[0]

@@ -10,8 +10,7 @@ layouts hold the norms (rehead.layouts.modeling_stack.head_norms) and the conver
 from rehead.errors import ReheadError
 
 from .llama import Llama
-
-SLIDING = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+from .qwen2 import SLIDING
 
 
 class Qwen3(Llama):
