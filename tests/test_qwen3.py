@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, byte_tokenizer, logits, randomise, read_json
+from conftest import VOCAB, byte_tokenizer, load_without_rehead, logits, randomise, read_json
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -93,6 +93,10 @@ def test_identical_key_heads_fuse_exactly_through_the_norms(tmp_path, calib_file
     scale = load_file(out / "model.safetensors")["model.layers.0.self_attn.q_pair_scale"]
     torch.testing.assert_close(scale, torch.cat([torch.ones(4, 8), torch.zeros(4, 8)], 1), atol=1e-5, rtol=0)
     assert (logits(out, IDS) - logits(src, IDS)).abs().max() <= 1e-4
+    # the layout's files carried in the checkpoint hold the norms and pair scales without rehead installed
+    report = load_without_rehead(out, IDS[:1, :8].tolist(), tmp_path)
+    assert report["class"] == "DHAForCausalLM" and report["static_equal"]
+    torch.testing.assert_close(torch.tensor(report["logits"]), logits(src, IDS[:1, :8])[0, -1], atol=1e-4, rtol=0)
     other = convert(make_qwen3(tmp_path / "src2", kv=4), tmp_path / "dha2", to="dha", k_budget=0.5, v_budget=0.5,
                     **calib)
     assert (logits(other, IDS) - logits(tmp_path / "src2", IDS)).abs().max() > 1e-3
