@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rehead.errors import ReheadError
+from rehead.formats import describe_folder
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 PICKLE_INDEX, PICKLE_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -32,7 +33,9 @@ EXTRA_FILES = ("generation_config.json", "LICENSE", "LICENSE.txt", "LICENSE.md")
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
-        raise ReheadError(f"{folder}: no config.json; a checkpoint folder needs one (is this a model folder?)")
+        what = describe_folder(Path(folder))
+        raise ReheadError(f"{folder}: " + (f"no config.json: {what}" if what else
+                                          "no config.json; a checkpoint folder needs one (is this a model folder?)"))
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -67,7 +70,9 @@ class CheckpointReader:
             self.pickled = True
             self.weight_map = self._index(PICKLE_INDEX) if (self.folder / PICKLE_INDEX).is_file() else None
         else:
-            raise ReheadError(f"{self.folder}: no model.safetensors, safetensors index or pytorch_model.bin found")
+            what = describe_folder(self.folder)
+            raise ReheadError(f"{self.folder}: no model.safetensors, safetensors index or pytorch_model.bin found"
+                              + (f": {what}" if what else ""))
         if self.weight_map is None:
             single = PICKLE_SINGLE if self.pickled else SAFE_SINGLE
             self.weight_map = {name: single for name in self._shard_names(single)}

@@ -12,6 +12,10 @@ class ReheadError(Exception):
     """
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM in a run that keeps what it finished: the message says what is kept and how to go on."""
+
+
 def invalid(error: ValidationError, name: Callable[[tuple], str], unknown: str, as_typed: bool = False) -> str:
     """What a ValidationError found, one wrong value after the other ("; "), each under the ``name`` the user
     knows it by (``name(loc)``: a flag, a recipe's dotted key); ``unknown`` says what a name that is not a

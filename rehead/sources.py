@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rehead import builtin
 from rehead.errors import ReheadError
+from rehead.formats import describe_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "LICENSE*"]
@@ -24,12 +25,16 @@ class Source:
 
 
 def resolve(spec: str, revision: str | None = None, allow_pickle: bool = False) -> Source:
+    local = Path(spec).expanduser()
+    if revision is not None and (spec in builtin.MODELS or local.exists()):
+        kind = "a built-in model" if spec in builtin.MODELS else "a local folder"
+        raise ReheadError(f"revision {revision!r}: {spec!r} is {kind}, which has no revisions; a revision picks a "
+                          "branch, tag or commit of a Hub id: drop it, or give the Hub id")
     if spec in builtin.MODELS:
         return Source(spec, builtin.model_path(spec))
-    local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise ReheadError(f"{spec}: is a file; give the checkpoint's folder")
+            raise ReheadError(f"{spec}: is " + (describe_file(local) or "a file; give the checkpoint's folder"))
         return Source(spec, local.resolve())
     if not HUB_ID.match(spec):
         raise ReheadError(

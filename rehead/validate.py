@@ -51,6 +51,13 @@ def check_source_config(config: dict, where: str) -> None:
             "full-precision weights. Dequantize first (load it with transformers and save_pretrained the "
             "dequantized model), or convert the unquantized original"
         )
+    mlx = config.get("quantization")
+    if isinstance(mlx, dict) and "bits" in mlx:
+        raise ReheadError(
+            f"{where}: a quantized MLX checkpoint (quantization: {mlx.get('bits')} bits, group size "
+            f"{mlx.get('group_size')}); rehead rewrites full-precision weights. Dequantize it first "
+            "(mlx_lm.convert --dequantize), or convert the unquantized original"
+        )
     check_config(config, where)
 
 

@@ -47,9 +47,17 @@ VARIANTS = {
     "mla-1/2-rope16": dict(to="mla", kv_budget=0.5, rope_dim=16),  # rank 176 + rope 16
     "mla-1/2-rope64": dict(to="mla", kv_budget=0.5, rope_dim=64),  # rank 128 + rope 64
     "mla-rank384-rope32": dict(to="mla", kv_rank=384, rope_dim=32),  # a full-rank latent: the RoPE key's cost alone
+    "mla-1/3": dict(to="mla", kv_budget=0.3334),  # rank 96 + rope 32
+    "mla-1/3-rope64": dict(to="mla", kv_budget=0.3334, rope_dim=64),  # rank 64 + rope 64
+    "dha-1/2": dict(to="dha", kv_budget=0.5),
+    "dha-1/2-deci": dict(to="dha", kv_budget=0.5, export="deci"),
+    "dha-1/3-deci": dict(to="dha", kv_budget=0.3334, export="deci"),
+    # vLLM's CPU MLA shape (512 + 64 = 576 cached values: half of the 9-KV-head twin's 1,152), and DHA at those bytes
+    "mla-512+64-mha": dict(source="smollm2-135m-mha", to="mla", kv_rank=512, rope_dim=64),
+    "dha-1/2-mha": dict(source="smollm2-135m-mha", to="dha", kv_budget=0.5),
 }
-AIMS = {name: 1.3 if name.startswith("moh") else 1.4 if name.startswith("mla") else 1.5 if "2/3" in name else 5.0
-        for name in VARIANTS}
+AIMS = {name: 1.3 if name.startswith("moh") else 2.5 if name.startswith("mla-1/3") else 1.4 if name.startswith("mla")
+        else 1.5 if "2/3" in name else 5.0 for name in VARIANTS}
 
 
 def slug(*names: str) -> str:
@@ -77,14 +85,14 @@ def run(args, source: Path, tokenizer) -> None:
             path = rows / f"{slug(calib, variant)}.json"
             if path.is_file():
                 continue
-            options = VARIANTS[variant]
+            options = dict(VARIANTS[variant])
             start = time.perf_counter()
-            out = convert("smollm2-135m", args.work / "model", calib=calib, calib_tokens=args.calib_tokens,
-                          overwrite=True, **options)
+            out = convert(options.pop("source", "smollm2-135m"), args.work / "model", calib=calib,
+                          calib_tokens=args.calib_tokens, overwrite=True, **options)
             seconds = round(time.perf_counter() - start, 1)
             plan = Provenance.load(out).plan
             ppl = score(out, tokenizer, args.eval_tokens)
-            row = {"calib": calib, "variant": variant, "options": options, "ppl": ppl, "convert_seconds": seconds,
+            row = {"calib": calib, "variant": variant, "options": VARIANTS[variant], "ppl": ppl, "convert_seconds": seconds,
                    "date": time.strftime("%Y-%m-%d %H:%M"), "plan": plan, **setting}
             path.write_text(json.dumps(row, indent=1))
             shutil.rmtree(out)

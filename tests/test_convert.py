@@ -279,7 +279,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_killed_conversion_leaves_nothing(tiny, tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])  # a kill, and Ctrl-C
+def test_a_killed_conversion_leaves_nothing(tiny, tmp_path, how):
     import signal
     import subprocess
     import sys
@@ -288,7 +289,7 @@ def test_a_killed_conversion_leaves_nothing(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, "convert", str(src), str(out), "--to", "mha"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err
     assert not out.exists() and list(tmp_path.iterdir()) == [src]

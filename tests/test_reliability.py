@@ -499,3 +499,156 @@ def test_smaller_mistakes_are_one_line(tiny, tmp_path, capsys, calib_file):
     with pytest.raises(SystemExit) as stopped:
         main(["convert", str(src), str(tmp_path / "out"), "--to", "xyz"])
     assert stopped.value.code == 2 and "invalid choice: 'xyz'" in capsys.readouterr().err
+
+
+# ---- typos, other tools' formats, Ctrl-C, a full disk ---------------------------------------------
+@pytest.mark.parametrize("argv, said", [
+    (["convrt", "SRC", "OUT"], "invalid choice: 'convrt'"),
+    (["convert", "SRC", "OUT", "--to", "mohh"], "invalid choice: 'mohh'"),
+    (["convert", "SRC", "OUT", "--to", "mha", "--dtype", "bf61"], "invalid choice: 'bf61'"),
+    (["convert", "SRC", "OUT", "--to", "dha", "--kv-budgt", "0.5"], "unrecognized arguments: --kv-budgt 0.5"),
+    (["inspect", "SRC", "--jsn"], "unrecognized arguments: --jsn"),
+    (["tune", "r.yaml", "--max-steps", "3"], "unrecognized arguments: --max-steps 3"),
+])
+def test_a_typo_is_refused_with_the_closest_name(argv, said, capsys):
+    hint = {"convrt": "did you mean convert?", "mohh": "did you mean moh?", "bf61": "did you mean bf16?",
+            "--kv-budgt": "did you mean --kv-budget?", "--jsn": "did you mean --json?",
+            "--max-steps": "recipe values are KEY=VALUE overrides, e.g. train.max_steps="}
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and said in err
+    assert next(h for typo, h in hint.items() if typo in argv) in err
+    assert f"rehead {argv[0]}: error" in err or argv[0] == "convrt"  # the command's own usage, not rehead's
+
+
+def test_a_revision_of_a_local_folder_is_refused(tiny, tmp_path, capsys):
+    src = tiny("gqa")
+    code, err = run_cli(capsys, "convert", src, tmp_path / "out", "--to", "mha", "--revision", "main")
+    assert code == 2 and "revision 'main'" in err and "is a local folder, which has no revisions" in err
+    assert nothing_written(tmp_path)
+
+
+def _gguf(path: Path) -> Path:
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    return path
+
+
+FORMATS = {  # name: (build it under a folder, the words that name it and what to do)
+    "gguf file": (lambda d: _gguf(d / "model.Q4_K_M.gguf"), ["a GGUF file", "gguf_file='model.Q4_K_M.gguf'"]),
+    "gguf folder": (lambda d: _gguf(d / "model.gguf").parent, ["no config.json: a GGUF file"]),
+    "peft adapter": (lambda d: (d / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/base"})) and d,
+        ["a PEFT adapter of org/base", "merge_and_unload"]),
+    "meta original": (lambda d: [(d / "params.json").write_text("{}"), (d / "consolidated.00.pth").write_bytes(b"")]
+                      and d, ["Meta's original checkpoint format", "convert_llama_weights_to_hf"]),
+    "tensorflow": (lambda d: (d / "tf_model.h5").write_bytes(b"\x89HDF") and d, ["TensorFlow weights", "from_tf"]),
+    "mergekit yaml": (lambda d: (d / "merge.yml").write_text("merge_method: slerp\n") and d / "merge.yml",
+                      ["a mergekit config is run with mergekit first"]),
+    "safetensors file": (lambda d: save_file({"x": torch.zeros(1)}, d / "model.safetensors") or d / "model.safetensors",
+                         ["a safetensors file; give the folder that holds it"]),
+    "training checkpoint": (lambda d: [(d / "optimizer.bin").write_bytes(b""), (d / "model.safetensors").write_bytes(b"")]
+                            and d, ["a training checkpoint (optimizer state)"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_another_tools_format_is_named_with_what_to_do(kind, tiny, tmp_path, capsys):
+    build, words = FORMATS[kind]
+    folder = tmp_path / "given"
+    folder.mkdir()
+    given = build(folder)
+    if kind == "tensorflow":  # a transformers config beside TF weights: the weights are what is foreign
+        (folder / "config.json").write_bytes((tiny("gqa") / "config.json").read_bytes())
+    code, err = run_cli(capsys, "convert", given, tmp_path / "out", "--to", "mha")
+    assert code == 2 and one_line(err) and all(w in err for w in words), err
+    assert nothing_written(tmp_path)
+
+
+def test_a_quantized_mlx_checkpoint_and_an_mla_export_are_refused_as_sources(tiny, tmp_path, capsys):
+    mlx = tiny("gqa")
+    edit_config(mlx, quantization={"group_size": 64, "bits": 4})
+    code, err = run_cli(capsys, "convert", mlx, tmp_path / "out", "--to", "mha")
+    assert code == 2 and "a quantized MLX checkpoint (quantization: 4 bits" in err and "--dequantize" in err
+    deepseek = tiny("gqa")
+    edit_config(deepseek, model_type="deepseek_v3")
+    code, err = run_cli(capsys, "convert", deepseek, tmp_path / "out", "--to", "dha", "--kv-budget", "0.5")
+    assert code == 2 and "'deepseek_v3' is not supported (already multi-head latent attention" in err
+    assert "convert from the original model" in err and nothing_written(tmp_path)
+
+
+INTERRUPTED_TUNE = """
+import sys
+from rehead.tune import loop
+from rehead.app.cli import main
+original = loop.Trainer.save_checkpoint
+def announced(self, step, state):
+    if step == 3:  # Ctrl-C comes while step 3's checkpoint is half-saved (written, not yet renamed)
+        save_state = self.acc.save_state
+        def halfway(folder):
+            save_state(folder)
+            print("saving 3", flush=True)
+            sys.stdin.readline()
+        self.acc.save_state = halfway
+    final = original(self, step, state)
+    print(f"saved {step}", flush=True)
+    return final
+loop.Trainer.save_checkpoint = announced
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_in_tune_keeps_the_last_checkpoint_and_the_same_command_resumes(tiny, tmp_path, calib_file):
+    import signal
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe(tmp_path, tiny("gqa"), calib_file, **{"train.max_steps": 4}).dump())
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_TUNE, "tune", str(recipe)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert [proc.stdout.readline().strip() for _ in range(3)] == ["saved 1", "saved 2", "saving 3"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / ".step-00000003.partial").is_dir()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; the last complete checkpoint" in err, err
+    assert "step-00000002" in err and "run the same command to resume" in err
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000001", "step-00000002"]  # no .partial
+    assert not (tmp_path / "run" / "model").exists()
+    result = tune(load(recipe))  # the same command again: steps 3 and 4 from step 2's state
+    assert result.steps == 4 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert json.loads((checkpoints / "step-00000004" / "trainer_state.json").read_text())["step"] == 4
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 96 KiB tmpfs (a real full disk), where this machine lets the tests mount one (root); skipped elsewhere."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip() or 'not root'})")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_under_a_real_conversion_leaves_nothing_and_a_rerun_works(tiny, tmp_path, small_disk, capsys):
+    src = tiny("gqa", layers=4)
+    assert (src / "model.safetensors").stat().st_size > 96 * 1024  # it cannot fit
+    code, err = run_cli(capsys, "convert", src, small_disk / "out", "--to", "mha")
+    assert code == 2 and one_line(err) and "the disk is full" in err and "nothing half-written was kept" in err
+    assert list(small_disk.iterdir()) == []  # no output, no .partial folder
+    code, _ = run_cli(capsys, "convert", src, tmp_path / "out", "--to", "mha")  # the same command elsewhere
+    assert code == 0 and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_full_disk_under_a_tune_checkpoint_says_so_and_keeps_no_partial(tiny, tmp_path, small_disk, calib_file,
+                                                                         capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe(tmp_path, tiny("gqa", layers=4), calib_file, output_dir=str(small_disk / "run")).dump())
+    code, err = run_cli(capsys, "tune", recipe)
+    assert code == 2 and one_line(err) and "could not save the checkpoint of step 1" in err and "MiB are free" in err
+    assert sorted(p.name for p in (small_disk / "run").rglob("*")) == ["checkpoints", "metrics.jsonl", "recipe.yaml"]

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from rehead import models, text, writer
 from rehead.checkpoint import sha256_file
-from rehead.errors import ReheadError
+from rehead.errors import Interrupted, ReheadError
 from rehead.files import check_disjoint, check_writable
 from rehead.provenance import EvalPoint, Provenance, TuneRecord
 from rehead.sampled import Sampler
@@ -283,7 +284,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         try:
             self.acc.save_state(str(tmp))
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors' own words for a full disk
             shutil.rmtree(tmp, ignore_errors=True)
             free = shutil.disk_usage(self.ckpt_root).free / 2**20
             last = _checkpoints(self.ckpt_root)
@@ -444,9 +445,30 @@ class Trainer:
         if step == 0 and held is not None:
             history.append({"step": 0, "eval_ppl": self.evaluate(objective, held)})
             self._record({"kind": "eval", "eval_ppl": history[-1]["eval_ppl"]}, 0)
-        last_good = resume
         bar = tqdm(total=total, initial=step, disable=not acc.is_main_process, desc="tune", unit="step")
         objective.train()
+        try:
+            step, tokens_seen = self._loop(objective, optimizer, scheduler, train, held, history, bar, step,
+                                           tokens_seen, total, last_good=resume)
+        except KeyboardInterrupt:  # Ctrl-C: the complete checkpoints stay, a half-saved one goes
+            if acc.is_main_process:
+                for partial in self.ckpt_root.glob(".step-*.partial"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            last = _checkpoints(self.ckpt_root)
+            raise Interrupted(
+                f"the last complete checkpoint, {last[-1]}, is kept: run the same command to resume from it"
+                if last else f"no checkpoint was saved yet (train.save_every: {r.train.save_every}); nothing "
+                             "half-written was kept") from None
+        finally:
+            bar.close()  # before any message: the error's line starts a line of its own
+        final = self.export(objective, tokenizer, source, step, tokens_seen, history)
+        acc.end_training()
+        return TuneResult(final, step, tokens_seen, [EvalPoint(**point) for point in history])
+
+    def _loop(self, objective, optimizer, scheduler, train, held, history, bar, step: int, tokens_seen: int,
+              total: int, last_good: Path | None) -> tuple[int, int]:
+        """The training steps from ``step`` to ``total``, each checkpointed as the recipe says."""
+        r, acc = self.recipe, self.acc
         while step < total:
             values = self._step(objective, optimizer, scheduler, train, step, last_good)
             step += 1
@@ -465,10 +487,7 @@ class Trainer:
                 last_good = self.save_checkpoint(step, {"step": step, "tokens": tokens_seen, "history": history,
                                                         "run": self.identity})
             _fault(step)
-        bar.close()
-        final = self.export(objective, tokenizer, source, step, tokens_seen, history)
-        acc.end_training()
-        return TuneResult(final, step, tokens_seen, [EvalPoint(**point) for point in history])
+        return step, tokens_seen
 
     def export(self, objective, tokenizer, source, step: int, tokens: int, history: list) -> Path:
         r, acc = self.recipe, self.acc

@@ -1,10 +1,12 @@
 """The ``rehead`` command line: the one place that knows every stage."""
 
 import argparse
+import difflib
 import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -16,7 +18,7 @@ from typing import Literal, Union, get_args, get_origin
 from pydantic_core import PydanticUndefined
 
 from rehead.convert.options import flag
-from rehead.errors import ReheadError
+from rehead.errors import Interrupted, ReheadError
 from rehead.files import cache_dir, write_text
 from rehead.text import HELDOUT_TEXTS
 
@@ -226,7 +228,25 @@ def add_tune(sub) -> None:
     p.add_argument("recipe", help="a YAML recipe file, or a built-in recipe's name (rehead recipes lists them)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=1e-5 train.max_steps=20")
+    p.override_keys = _recipe_keys
     p.set_defaults(func=cmd_tune)
+
+
+def _recipe_keys() -> list[str]:
+    """Every dotted key a recipe override can set (train.max_steps, optim.lr, ...)."""
+    from pydantic import BaseModel
+
+    from rehead.tune.recipe import Lora, Recipe
+
+    def walk(model, prefix: str):
+        for name, field in model.model_fields.items():
+            kind = Lora if name == "lora" else field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from walk(kind, f"{prefix}{name}.")
+            else:
+                yield prefix + name
+
+    return list(walk(Recipe, ""))
 
 
 def add_recipes(sub) -> None:
@@ -300,14 +320,45 @@ def add_perplexity(sub) -> None:
 COMMANDS = (add_inspect, add_convert, add_tune, add_recipes, add_eval, add_push, add_pipeline, add_perplexity)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a suggestion for a mistyped choice (a command, --to, --dtype) or option."""
+
+    def error(self, message: str):
+        wrong = re.match(r"argument (.+?): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if wrong:
+            choices = re.findall(r"'([^']*)'", wrong[3])
+            message += _did_you_mean(wrong[2], choices)
+        super().error(message)
+
+    def unrecognized(self, extras: list[str]):
+        """Refuses arguments no option takes, with this parser's usage and the closest option's name."""
+        flags = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
+        keys = getattr(self, "override_keys", None)
+        if keys and flags:  # tune: a recipe value given as a flag
+            name = flags[0][2:].replace("-", "_")
+            close = [k for k in keys() if k.rsplit(".", 1)[-1] == name] or difflib.get_close_matches(name, keys(), 1)
+            hint = f"; recipe values are KEY=VALUE overrides{f', e.g. {close[0]}=...' if close else ''}"
+        else:
+            options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            hint = "".join(_did_you_mean(flag, options) for flag in flags)
+        self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if not close and word.startswith("--"):  # --heads for --active-heads: a word of the options' names
+        close = [c for c in choices if word[2:] and word[2:] in c[2:].split("-")][:3]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rehead", description="Rewrite a trained LLaMA-family checkpoint's attention into MoH, DHA or GDA heads."
-    )
+    parser = Parser(prog="rehead", description="Rewrite a trained LLaMA-family checkpoint's attention into MoH, DHA, "
+                                               "GDA or MLA heads.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    parser.commands = sub.choices
     return parser
 
 
@@ -324,15 +375,18 @@ def _terminated(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.commands[args.command].unrecognized(extras)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     global MAIN_PID
     MAIN_PID = os.getpid()
     previous = signal.signal(signal.SIGTERM, _terminated)  # a killed run cleans up like Ctrl-C
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"rehead {args.command}: interrupted; nothing half-written was kept", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = str(e) if isinstance(e, Interrupted) else "nothing half-written was kept"
+        print(f"rehead {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
     except Exception as e:  # every error ends in one line; an unforeseen one also leaves its traceback
         return _report(args.command, e, args.verbose)
@@ -349,9 +403,11 @@ def _report(command: str, e: Exception, verbose: bool) -> int:
     if isinstance(e, ReheadError):
         print(f"rehead {command}: error: {e}", file=sys.stderr)
         return 2
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"rehead {command}: error: the disk is full ({e.strerror}){where}; free space or write to "
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    if full or "No space left on device (os error 28)" in str(e):  # the last: safetensors' and torch's words
+        where = f" writing {e.filename}" if full and e.filename else ""
+        print(f"rehead {command}: error: the disk is full ({e.strerror if full else 'No space left on device'})"
+              f"{where}; free space or write to "
               "another folder and run the same command again (nothing half-written was kept)", file=sys.stderr)
         return 2
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):

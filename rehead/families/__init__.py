@@ -44,10 +44,22 @@ def family_of(config: dict, where: str) -> Llama:
     if model_type in BY_MODEL_TYPE:
         return FAMILIES["llama"]
     if model_type not in FAMILIES:
+        known = OTHER_LAYOUTS.get(model_type)
         raise ReheadError(
-            f"{where}: model_type {model_type!r} is not supported; rehead converts {', '.join(FAMILIES)} checkpoints"
+            f"{where}: model_type {model_type!r} is not supported"
+            + (f" ({known}); convert from the original model" if known else "")
+            + f"; rehead converts {', '.join(FAMILIES)} checkpoints"
         )
     return FAMILIES[model_type]
+
+
+# attention layouts rehead writes as stock classes (so they carry no rehead model_type) and their peers
+OTHER_LAYOUTS = {
+    "deepseek_v3": "already multi-head latent attention: what rehead convert --to mla writes",
+    "deepseek_v2": "already multi-head latent attention",
+    "nemotron_nas": "a DeciLM with per-layer KV heads: what rehead convert --to dha --export deci writes",
+    "deci": "a DeciLM with per-layer KV heads",
+}
 
 
 def check_source(config: dict, where: str, layouts: tuple[str, ...] = ()) -> None:
