@@ -5,13 +5,15 @@ checkpoint in 1 GiB shards, then times, each in its own process so that peak RSS
 process's alone:
   - ``cp -r`` of the folder (the floor: read everything once, write everything once);
   - ``rehead convert --to mha`` (Llama-3.2-1B is GQA: K/V grow 4x) and ``--to moh`` without
-    calibration, ``--to moh`` calibrated on --calib-tokens tokens, and ``--to dha --kv-budget 0.25``
-    (planning pass, conversion pass, both calibrated);
+    calibration, ``--to moh`` calibrated on --calib-tokens tokens, ``--to dha --kv-budget 0.25``
+    (planning pass, conversion pass, both calibrated) and ``--to mla --kv-budget 0.25`` (one calibrated
+    pass: the shared RoPE key and the whitened latent per layer);
   - transformers ``from_pretrained`` + ``save_pretrained`` of the same folder.
 
     python scripts/bench_convert.py --layers 4 8 16 --json runs/bench_convert.json
 
-16 layers is Llama-3.2-1B's shape (1.24B parameters). Results go to BENCHMARKS.md by hand.
+16 layers is Llama-3.2-1B's shape (1.24B parameters). ``--real`` measures smollm2-135m to DHA and to MLA
+at half its KV cache with the CLI's defaults instead. Results go to BENCHMARKS.md by hand.
 """
 
 import argparse
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", help="run only the commands whose names match one of these regexes")
     parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--real", action="store_true", help="smollm2-135m to DHA and to MLA at half the KV cache, "
+                                                                "with the CLI's defaults, instead of --layers")
     parser.add_argument("--make", type=Path, help=argparse.SUPPRESS)  # internal: write one checkpoint and exit
     args = parser.parse_args()
     if args.make:
@@ -124,7 +128,15 @@ def main() -> None:
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"), "rows": []}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rehead-bench-"))
     try:
-        for layers in args.layers:
+        if args.real:  # the real model with each calibrated layout's CLI defaults (8,192 calibration tokens)
+            row = {"model": "smollm2-135m"}
+            for name, options in {"convert --to dha --kv-budget 0.5": ["--to", "dha", "--kv-budget", "0.5"],
+                                  "convert --to mla --kv-budget 0.5": ["--to", "mla", "--kv-budget", "0.5"]}.items():
+                out = work / name.split()[2]
+                row[name] = measure_median(rehead + ["convert", "smollm2-135m", str(out), *options], args.repeat, out)
+                print(f"smollm2-135m  {name:<48} {row[name]}", flush=True)
+            results["rows"].append(row)
+        for layers in [] if args.real else args.layers:
             src = work / f"src-{layers}"
             make = [sys.executable, __file__, "--make", str(src), "--layers", str(layers)]
             params = int(subprocess.run(make, check=True, capture_output=True, text=True).stdout.split()[-1])
@@ -139,6 +151,9 @@ def main() -> None:
                     "--calib-tokens", str(args.calib_tokens)],
                 f"convert --to dha --kv-budget 0.25, calibrated on {DHA_TOKENS} tokens": rehead + [
                     "convert", str(src), str(work / "dha"), "--to", "dha", "--kv-budget", "0.25",
+                    "--tokenizer", "smollm2-135m", "--calib-tokens", str(DHA_TOKENS)],
+                f"convert --to mla --kv-budget 0.25, calibrated on {DHA_TOKENS} tokens": rehead + [
+                    "convert", str(src), str(work / "mla"), "--to", "mla", "--kv-budget", "0.25",
                     "--tokenizer", "smollm2-135m", "--calib-tokens", str(DHA_TOKENS)],
                 "from_pretrained + save_pretrained": [sys.executable, "-c", HF_ROUND_TRIP, str(src), str(work / "hf")],
             }
