@@ -32,7 +32,7 @@ from rehead.sampled import Sampler
 from rehead.sources import Source, card_metadata, resolve
 from rehead.writer import finish
 
-from .options import DTYPES, ConvertOptions
+from .options import CALIBRATION, DTYPES, ConvertOptions, flag
 from .rewriter import Calibration, LayerInput, Rewriter, build_layer
 from .sensitivity import attention_fisher
 
@@ -104,6 +104,11 @@ def open_source(source_spec: str, out: Path, options: ConvertOptions,
     llama._attn_implementation = "sdpa"
     job = SourceReader(source, config, llama, reader, layer_names, other_names, load_tokenizer(options, source))
     calibrates = rewriter.needs_calibration or options.check_identity
+    unused = [flag(n) for n in sorted(options.model_fields_set)
+              if (type(options).model_fields[n].json_schema_extra or {}) == CALIBRATION]
+    if unused and not calibrates:  # --to mha --calib x: nothing reads the text
+        log.warning("%s: this conversion (--to %s with these options) reads no calibration text; %s ha%s no effect",
+                    ", ".join(unused), options.to, "they" if len(unused) > 1 else "it", "ve" if len(unused) > 1 else "s")
     if job.tokenizer is None and calibrates:
         raise ReheadError(
             f"{source_spec}: no tokenizer, and this conversion calibrates on text; pass --tokenizer "

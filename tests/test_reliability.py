@@ -652,3 +652,16 @@ def test_a_full_disk_under_a_tune_checkpoint_says_so_and_keeps_no_partial(tiny, 
     code, err = run_cli(capsys, "tune", recipe)
     assert code == 2 and one_line(err) and "could not save the checkpoint of step 1" in err and "MiB are free" in err
     assert sorted(p.name for p in (small_disk / "run").rglob("*")) == ["checkpoints", "metrics.jsonl", "recipe.yaml"]
+
+
+def test_calibration_flags_a_conversion_does_not_read_are_warned_about(tiny, tmp_path, capsys, caplog):
+    src = tiny("gqa")
+    with caplog.at_level("WARNING", logger="rehead.convert"):
+        code, _ = run_cli(capsys, "convert", src, tmp_path / "mha", "--to", "mha", "--calib-tokens", "100")
+    said = "--calib-tokens: this conversion (--to mha with these options) reads no calibration text"
+    assert code == 0 and said in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rehead.convert"):
+        code, _ = run_cli(capsys, "convert", src, tmp_path / "moh", "--to", "moh", "--calib-tokens", "256",
+                          "--calib-seq-len", "64")
+    assert code == 0 and "reads no calibration text" not in caplog.text  # MoH's learned router calibrates
