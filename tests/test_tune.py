@@ -276,6 +276,15 @@ def test_every_shipped_recipe_is_valid():
         load(path)
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on now (a fixed one can still be held by an earlier run)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_processes_train_like_one_at_the_same_global_batch(tiny, tmp_path, calib_file):
     src = tiny("gqa")
@@ -283,7 +292,8 @@ def test_two_processes_train_like_one_at_the_same_global_batch(tiny, tmp_path, c
     (tmp_path / "r.yaml").write_text(one.dump())
     single = tune(one).model
     result = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", "-m", "rehead", "tune", str(tmp_path / "r.yaml"),
+        ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+         "-m", "rehead", "tune", str(tmp_path / "r.yaml"),
          f"output_dir={tmp_path / 'two'}", "train.micro_batch=2"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
