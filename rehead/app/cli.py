@@ -333,10 +333,10 @@ class Parser(argparse.ArgumentParser):
     def unrecognized(self, extras: list[str]):
         """Refuses arguments no option takes, with this parser's usage and the closest option's name."""
         flags = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
-        keys = getattr(self, "override_keys", None)
-        if keys and flags:  # tune: a recipe value given as a flag
-            name = flags[0][2:].replace("-", "_")
-            close = [k for k in keys() if k.rsplit(".", 1)[-1] == name] or difflib.get_close_matches(name, keys(), 1)
+        override_keys = getattr(self, "override_keys", None)
+        if override_keys and flags:  # tune: a recipe value given as a flag
+            name, keys = flags[0][2:].replace("-", "_"), override_keys()
+            close = [k for k in keys if k.rsplit(".", 1)[-1] == name] or difflib.get_close_matches(name, keys, 1)
             hint = f"; recipe values are KEY=VALUE overrides{f', e.g. {close[0]}=...' if close else ''}"
         else:
             options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
