@@ -483,6 +483,19 @@ def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     assert code == 2 and "the disk is full (No space left on device) writing" in err and one_line(err)
 
 
+def test_a_full_disk_in_safetensors_words_is_one_line(capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    from rehead.app import cli
+
+    def full(args):  # what safetensors raises from save_file on a full disk (seen under a real tmpfs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(cli, "cmd_recipes", full)
+    code, err = run_cli(capsys, "recipes")
+    assert code == 2 and "the disk is full (No space left on device)" in err and one_line(err)
+
+
 def test_smaller_mistakes_are_one_line(tiny, tmp_path, capsys, calib_file):
     (tmp_path / "file.txt").write_text("x")
     code, err = run_cli(capsys, "inspect", tmp_path / "file.txt")

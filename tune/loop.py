@@ -432,8 +432,7 @@ class Trainer:
         resume = self._resume_from()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            for partial in self.ckpt_root.glob(".step-*.partial"):
-                shutil.rmtree(partial, ignore_errors=True)
+            self._drop_partials()
             (self.out / "recipe.yaml").write_text(r.dump())
         model, tokenizer, source, teacher = self._load()
         train, held = self._data(tokenizer, total)
@@ -452,8 +451,7 @@ class Trainer:
                                            tokens_seen, total, last_good=resume)
         except KeyboardInterrupt:  # Ctrl-C: the complete checkpoints stay, a half-saved one goes
             if acc.is_main_process:
-                for partial in self.ckpt_root.glob(".step-*.partial"):
-                    shutil.rmtree(partial, ignore_errors=True)
+                self._drop_partials()
             last = _checkpoints(self.ckpt_root)
             raise Interrupted(
                 f"the last complete checkpoint, {last[-1]}, is kept: run the same command to resume from it"
@@ -464,6 +462,11 @@ class Trainer:
         final = self.export(objective, tokenizer, source, step, tokens_seen, history)
         acc.end_training()
         return TuneResult(final, step, tokens_seen, [EvalPoint(**point) for point in history])
+
+    def _drop_partials(self) -> None:
+        """Removes half-saved checkpoints (a kill mid-save leaves its .partial folder)."""
+        for partial in self.ckpt_root.glob(".step-*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _loop(self, objective, optimizer, scheduler, train, held, history, bar, step: int, tokens_seen: int,
               total: int, last_good: Path | None) -> tuple[int, int]:
