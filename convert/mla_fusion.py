@@ -43,6 +43,14 @@ whose latent is k times larger in mean square deviates k times more.
 Query scale: DeepSeek divides the logit by √(qk_nope + qk_rope) = √(d + R), the source by √d;
 every query row is multiplied by √((d + R) / d).
 
+Starting from DHA. Where DHA's solution fits the format (``dha_fits``: R = d, so that DHA's one fused
+key is the shared RoPE key, and r ≥ d, so that its fused value heads fit in the latent), that solution
+is itself a latent basis P (``dha_basis``): DHA's fused value heads, the key residuals dropped, and
+any rank left over fitted on top of it. Reduced-rank regression is optimal for the weighted objective
+above, on which DHA's P is scored too, so there it is never worse; the objective is a model, though
+(a logit error taken as linear, a constant rotation β), so the rewriter (mla.py) builds both layers
+and keeps the one whose output is closer to the source layer's on the calibration tokens.
+
 Identity: an MQA source (one KV head) at R = d and r = d keeps every pair rotated, its single key
 exactly (no residual), and its d value dims in the latent: the source's function, to the norm's bound.
 """
@@ -52,7 +60,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .dha_fusion import EPS, LayerFusion
+from .dha_fusion import EPS, LayerFusion, agglomerate
 
 NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm(kv_lora_rank) takes no eps from the config
 NORM_LINEARITY = 1e-5  # s²·max mean(c²) / ε on calibration tokens
@@ -135,34 +143,95 @@ def latent_targets(fusion: LayerFusion, moment: torch.Tensor, residual: torch.Te
     return torch.cat(blocks), weights
 
 
-def fit_layer(fusion: LayerFusion, moment: torch.Tensor, inputs: torch.Tensor, beta: torch.Tensor, rope_dim: int,
-              rank: int) -> MLAWeights:
-    """The MLA weights of a layer whose heads ``fusion`` holds, fitted on the calibration moment C
-    (``moment``, (D+1)²) and inputs (N, D, for the norm's scale); ``beta`` (H, d/2): ``rotation_means``."""
-    d, kept, reads = fusion.d, rope_dim // 2, fusion.reads
-    fused, scales = fusion.fuse_keys(tuple(range(fusion.kv)))  # one group: the key every head shares
+@dataclass
+class LayerTargets:
+    """What every latent of a layer is fitted to: M and its block weights, G = M C Mᵀ, the shared RoPE
+    key's pairs and each KV head's scale c_j, and the queries (position-free ones with β folded in)."""
+
+    fusion: LayerFusion
+    M: torch.Tensor
+    weights: list[torch.Tensor]
+    gram: torch.Tensor
+    shared: torch.Tensor
+    scales: dict
+    queries: torch.Tensor
+    free_queries: torch.Tensor
+    rope_dim: int
+
+
+def layer_targets(fusion: LayerFusion, moment: torch.Tensor, beta: torch.Tensor, rope_dim: int) -> LayerTargets:
+    """The shared RoPE key (one group: the key every head shares) and the latent's targets, from the
+    calibration moment C (``moment``, (D+1)²) and ``beta`` (H, d/2): ``rotation_means``."""
+    d, kept = fusion.d, rope_dim // 2
+    fused, scales = fusion.fuse_keys(tuple(range(fusion.kv)))
     shared, keys, queries = complex_rows(fused), complex_rows(fusion.k), complex_rows(fusion.q)
     kept_pairs = (torch.arange(d // 2) < kept)[:, None]
     residual = torch.stack([torch.where(kept_pairs, keys[j] - scales[j][:, None] * shared, keys[j])
                             for j in range(fusion.kv)])  # ρ_j: (KV, d/2, W)
     free_queries = torch.stack([split_real(queries[i] * beta[i][:, None]) for i in range(fusion.heads)])  # q̃_i
-
     M, weights = latent_targets(fusion, moment, residual, free_queries)
-    eigenvalues, vectors = torch.linalg.eigh(M @ moment @ M.T)
-    P = vectors[:, -rank:]  # (KV·2d, r)
-    A = P.T @ M  # c = A x
-    up = [torch.linalg.solve_triangular(W.T, P[n * d : (n + 1) * d], upper=True) for n, W in enumerate(weights)]
+    return LayerTargets(fusion, M, weights, M @ moment @ M.T, shared, scales, queries, free_queries, rope_dim)
+
+
+def latent_basis(targets: LayerTargets, rank: int) -> torch.Tensor:
+    """P: the top-r eigenvectors of G (reduced-rank regression, the module docstring)."""
+    return torch.linalg.eigh(targets.gram)[1][:, -rank:]
+
+
+def dha_fits(fusion: LayerFusion, rope_dim: int, rank: int) -> bool:
+    """Whether DHA's solution fits the format: a RoPE key of the whole head_dim (DHA's fused key, one key
+    group) and a latent of at least one value head."""
+    return rope_dim == fusion.d and rank >= fusion.d
+
+
+def dha_basis(targets: LayerTargets, rank: int) -> torch.Tensor:
+    """P holding DHA's solution with one key group: the RoPE key is its fused key (``layer_targets``), the
+    key residuals are dropped as DHA drops them, and the first g·d latent dims are DHA's g = min(KV, r // d)
+    fused value heads — its grouping (``agglomerate`` on the value-fusion error) and, per group, the top-d
+    eigenvectors of the group's value blocks of G, which are DHA's ``value_gram`` (``LayerFusion.fuse_values``:
+    W_v^f = Σ_j P_jᵀ R_jᵀ W_v^j, read back through R_j⁻ᵀ P_j, DHA's M_jᵀ). Columns of different groups have
+    disjoint rows, so P is orthonormal. A rank above g·d takes, on top, the top eigenvectors of G restricted
+    to what DHA's part leaves (span(P)'s complement), so the latent keeps DHA's solution and adds to it."""
+    fusion, gram = targets.fusion, targets.gram
+    d, count = fusion.d, min(fusion.kv, rank // fusion.d)
+    columns = []
+    for group in agglomerate(fusion.kv, fusion.value_error, count)[count]:
+        rows = torch.cat([torch.arange((2 * j + 1) * d, (2 * j + 2) * d) for j in group])  # value blocks of M
+        top = torch.linalg.eigh(gram[rows][:, rows])[1][:, -d:]
+        column = torch.zeros(len(gram), d, dtype=gram.dtype)
+        column[rows] = top
+        columns.append(column)
+    P = torch.cat(columns, 1)
+    rest = rank - P.shape[1]
+    if rest:
+        away = torch.eye(len(gram), dtype=gram.dtype) - P @ P.T
+        remainder = away @ gram @ away - (gram.trace() + 1) * (P @ P.T)  # span(P) pushed below every other vector
+        P = torch.cat([P, torch.linalg.eigh(remainder)[1][:, -rest:]], 1)
+    return P
+
+
+def fit_layer(targets: LayerTargets, P: torch.Tensor, inputs: torch.Tensor) -> MLAWeights:
+    """The MLA weights of a layer whose latent spans the orthonormal basis P (KV·2d, r) of the weighted
+    targets (``latent_basis`` or ``dha_basis``); ``inputs`` (N, D): calibration attention inputs, for the
+    norm's scale."""
+    fusion, rope_dim, rank = targets.fusion, targets.rope_dim, P.shape[1]
+    d, kept, reads = fusion.d, targets.rope_dim // 2, fusion.reads
+    A = P.T @ targets.M  # c = A x
+    up = [torch.linalg.solve_triangular(W.T, P[n * d : (n + 1) * d], upper=True) for n, W in enumerate(targets.weights)]
 
     width = fusion.width - 1  # the bias column: zero, rehead refuses biases
     latent = inputs.double() @ A[:, :width].T
     scale = math.sqrt(NORM_LINEARITY * NORM_EPS / latent.pow(2).mean(-1).max().clamp_min(1e-300).item())
     fold = math.sqrt((d + rope_dim) / d)
+    queries, scales = targets.queries, targets.scales
     rope_queries = [interleave(queries[i, :kept] * scales[reads[i]][:kept, None].conj()) for i in range(fusion.heads)]
+    total = targets.gram.trace().clamp_min(1e-300)
     return MLAWeights(
-        q_proj=fold * torch.cat([torch.cat([free_queries[i], rope_queries[i]]) for i in range(fusion.heads)])[:, :width],
-        kv_a_proj_with_mqa=torch.cat([scale * A, interleave(shared[:kept])])[:, :width],
+        q_proj=fold * torch.cat([torch.cat([targets.free_queries[i], rope_queries[i]])
+                                 for i in range(fusion.heads)])[:, :width],
+        kv_a_proj_with_mqa=torch.cat([scale * A, interleave(targets.shared[:kept])])[:, :width],
         kv_a_layernorm=torch.full((rank,), math.sqrt(NORM_EPS) / scale, dtype=torch.float64),
         kv_b_proj=torch.cat([torch.cat([up[2 * reads[i]], up[2 * reads[i] + 1]]) for i in range(fusion.heads)]),
         o_proj=fusion.o.flatten(1),
-        latent_error=(eigenvalues[:-rank].clamp_min(0).sum() / eigenvalues.clamp_min(0).sum().clamp_min(1e-300)).item(),
+        latent_error=((total - (P.T @ targets.gram @ P).trace()) / total).clamp_min(0).item(),
     )

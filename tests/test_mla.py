@@ -113,6 +113,32 @@ def test_the_fit_improves_with_the_budget(tiny, tmp_path, calib_file):
     assert divergences[0] < divergences[1] < divergences[2] < 0.1
 
 
+def test_where_dhas_solution_fits_the_fit_can_start_from_it(tiny, tmp_path, calib_file, monkeypatch):
+    """At rope dim = head_dim and a latent of one value head, DHA's solution with one key group and one
+    value group is an MLA latent (dha_basis): kept in every layer, the DeepSeek export computes what
+    DHA's own conversion with that plan computes (to the linearised norm)."""
+    source = tiny("odd")  # 3 KV heads of 8 dims: 1/3 of them is one key head and one value head per layer
+    dha = convert(str(source), tmp_path / "dha", to="dha", k_budget=1 / 3, v_budget=1 / 3, refine_steps=0,
+                  calib=str(calib_file), **CALIB)
+    monkeypatch.setattr(mla_fusion, "latent_basis", mla_fusion.dha_basis)  # both candidates: DHA's
+    out = to_mla(source, tmp_path, calib_file, kv_rank=8, rope_dim=8)
+    assert read_json(dha / "rehead.json")["plan"]["kept"]["kv"] == read_json(out / "rehead.json")["plan"]["kept"]["kv"]
+    expected, got = logits(dha, IDS), logits(out, IDS)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (got - logits(source, IDS)).abs().max() > 1e-2 * expected.abs().max()  # a real fusion, not the source
+
+
+def test_the_candidate_closer_to_the_source_layer_is_kept(tiny, tmp_path, calib_file):
+    source = tiny("odd", layers=3)
+    plan = read_json(to_mla(source, tmp_path, calib_file, kv_rank=8, rope_dim=8) / "rehead.json")["plan"]
+    assert len(plan["fit_per_layer"]) == 3
+    for fit, errors in zip(plan["fit_per_layer"], plan["output_error_per_layer"]):
+        assert set(errors) == {"latent", "dha"} and errors[fit] == min(errors.values())
+    # a rope dim below head_dim: DHA's fused key does not fit, and the latent fit is the only one
+    plan = read_json(to_mla(source, tmp_path, calib_file, "mla-4", kv_rank=8, rope_dim=4) / "rehead.json")["plan"]
+    assert plan["fit_per_layer"] == ["latent"] * 3 and "output_error_per_layer" not in plan
+
+
 # ---- the fit's pieces ----
 
 
