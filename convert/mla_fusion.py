@@ -43,13 +43,15 @@ whose latent is k times larger in mean square deviates k times more.
 Query scale: DeepSeek divides the logit by √(qk_nope + qk_rope) = √(d + R), the source by √d;
 every query row is multiplied by √((d + R) / d).
 
-Starting from DHA. Where DHA's solution fits the format (``dha_fits``: R = d, so that DHA's one fused
-key is the shared RoPE key, and r ≥ d, so that its fused value heads fit in the latent), that solution
-is itself a latent basis P (``dha_basis``): DHA's fused value heads, the key residuals dropped, and
-any rank left over fitted on top of it. Reduced-rank regression is optimal for the weighted objective
-above, on which DHA's P is scored too, so there it is never worse; the objective is a model, though
-(a logit error taken as linear, a constant rotation β), so the rewriter (mla.py) builds both layers
-and keeps the one whose output is closer to the source layer's on the calibration tokens.
+DHA's solution, inside the format. Where it fits (``dha_fits``: R = d, so that DHA's one fused key
+is the shared RoPE key, and r ≥ d, so that its fused value heads fit in the latent), DHA's solution
+is itself a latent basis P (``dha_basis``): its fused value heads, the key residuals dropped as DHA
+drops them, and any rank left over fitted on top. Every orthonormal P is scored by the same objective,
+the share 1 − tr(Pᵀ G P) / tr(G) of weighted energy it leaves out (``basis_error``), and the top-r
+eigenvectors maximise tr(Pᵀ G P): the fit is never worse than DHA's solution on it, whatever the
+layer (the plan records both shares). Keeping DHA's layer where its output on the calibration tokens
+was closer to the source layer's was measured and not kept: it made held-out text worse
+(BENCHMARKS.md, "MLA against DHA").
 
 Identity: an MQA source (one KV head) at R = d and r = d keeps every pair rotated, its single key
 exactly (no residual), and its d value dims in the latent: the source's function, to the norm's bound.
@@ -210,6 +212,12 @@ def dha_basis(targets: LayerTargets, rank: int) -> torch.Tensor:
     return P
 
 
+def basis_error(targets: LayerTargets, P: torch.Tensor) -> float:
+    """The share of weighted target energy a latent spanning P leaves out: 1 − tr(Pᵀ G P) / tr(G)."""
+    total = targets.gram.trace().clamp_min(1e-300)
+    return ((total - (P.T @ targets.gram @ P).trace()) / total).clamp_min(0).item()
+
+
 def fit_layer(targets: LayerTargets, P: torch.Tensor, inputs: torch.Tensor) -> MLAWeights:
     """The MLA weights of a layer whose latent spans the orthonormal basis P (KV·2d, r) of the weighted
     targets (``latent_basis`` or ``dha_basis``); ``inputs`` (N, D): calibration attention inputs, for the
@@ -225,7 +233,6 @@ def fit_layer(targets: LayerTargets, P: torch.Tensor, inputs: torch.Tensor) -> M
     fold = math.sqrt((d + rope_dim) / d)
     queries, scales = targets.queries, targets.scales
     rope_queries = [interleave(queries[i, :kept] * scales[reads[i]][:kept, None].conj()) for i in range(fusion.heads)]
-    total = targets.gram.trace().clamp_min(1e-300)
     return MLAWeights(
         q_proj=fold * torch.cat([torch.cat([targets.free_queries[i], rope_queries[i]])
                                  for i in range(fusion.heads)])[:, :width],
@@ -233,5 +240,5 @@ def fit_layer(targets: LayerTargets, P: torch.Tensor, inputs: torch.Tensor) -> M
         kv_a_layernorm=torch.full((rank,), math.sqrt(NORM_EPS) / scale, dtype=torch.float64),
         kv_b_proj=torch.cat([torch.cat([up[2 * reads[i]], up[2 * reads[i] + 1]]) for i in range(fusion.heads)]),
         o_proj=fusion.o.flatten(1),
-        latent_error=((total - (P.T @ targets.gram @ P).trace()) / total).clamp_min(0).item(),
+        latent_error=basis_error(targets, P),
     )

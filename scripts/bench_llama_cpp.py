@@ -1,13 +1,16 @@
-"""llama.cpp serving a DHA DeciLM export next to its source: perplexity, KV-cache memory, decode speed.
+"""llama.cpp serving rehead's exports next to their source: perplexity, KV-cache memory, decode speed.
 
     python scripts/bench_llama_cpp.py --deci runs/deci-50 --json runs/bench_llama_cpp.json
+    python scripts/bench_llama_cpp.py --export mla=runs/mla-half deci=runs/deci-50 --json runs/bench_llama_cpp.json
 
-Both checkpoints go to GGUF with llama.cpp's own converter (scripts/llama_cpp_gguf.py) and run in
+Every export is a DHA DeciLM (``--export deci``) or an MLA DeepSeek-V3 (``--to mla``) checkpoint. All
+checkpoints go to GGUF with llama.cpp's own converter (scripts/llama_cpp_gguf.py) and run in
 llama-cpp-python on the CPU:
 - perplexity of the f32 GGUF in llama.cpp and of the checkpoint in torch, on the same token ids;
 - the KV cache llama.cpp allocates (its own log line) for an f16 GGUF, with flash attention on
   and off: without it llama.cpp stores V transposed and pads every layer's V cache to the widest
-  layer (llama-kv-cache.cpp), so a per-layer saving shows only in K;
+  layer (llama-kv-cache.cpp), so a per-layer saving shows only in K; an MLA export caches its
+  latent and RoPE key in K and nothing in V;
 - decode tokens/s after a --contexts-token prompt of held-out text, flash attention on, f16,
   --threads threads; the median over --repeat rounds, source and export interleaved.
 
@@ -73,7 +76,9 @@ def decode_speed(path: Path, ids: list[int], context: int, new: int, threads: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--deci", required=True, help="a `rehead convert --to dha --export deci` checkpoint")
+    parser.add_argument("--deci", help="a `rehead convert --to dha --export deci` checkpoint")
+    parser.add_argument("--export", nargs="+", default=[], metavar="NAME=FOLDER",
+                        help="exports to run beside the source, each named (e.g. mla=runs/mla-half)")
     parser.add_argument("--source", default="smollm2-135m")
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--new", type=int, default=64, help="decoded tokens per measurement")
@@ -82,6 +87,9 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    exports = {**({"deci": args.deci} if args.deci else {}), **dict(e.split("=", 1) for e in args.export)}
+    if not exports or any(not name or name == "source" for name in exports):
+        parser.error("give the exports to run: --deci FOLDER and/or --export NAME=FOLDER (a name other than 'source')")
 
     import llama_cpp
 
@@ -89,7 +97,7 @@ def main() -> None:
     from rehead.sources import resolve
 
     tree = llama_cpp_tree()
-    checkpoints = {"source": resolve(args.source).path, "deci": Path(args.deci)}
+    checkpoints = {"source": resolve(args.source).path, **{name: Path(f) for name, f in exports.items()}}
     results = {name: {} for name in checkpoints}
     with tempfile.TemporaryDirectory() as tmp:
         ggufs = {}
@@ -121,9 +129,10 @@ def main() -> None:
     for name in checkpoints:
         results[name].pop("ids")
     print(json.dumps(results, indent=1))
-    for context in args.contexts:
-        ratio = results["deci"][f"decode_tok_s_ctx{context}"] / results["source"][f"decode_tok_s_ctx{context}"]
-        print(f"context {context}: deci export decodes at {ratio:.3f}× the source's tokens/s")
+    for name in exports:
+        for context in args.contexts:
+            ratio = results[name][f"decode_tok_s_ctx{context}"] / results["source"][f"decode_tok_s_ctx{context}"]
+            print(f"context {context}: {name} export decodes at {ratio:.3f}× the source's tokens/s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
