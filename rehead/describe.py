@@ -55,7 +55,8 @@ def latent_cache(config: dict) -> dict:
     rank, rope = config.get("kv_lora_rank"), config.get("qk_rope_head_dim")
     if not isinstance(rank, int) or not isinstance(rope, int):
         return {}
-    return {"layout": "mla", "key_heads_per_layer": None, "value_heads_per_layer": None,
+    nope = config.get("qk_nope_head_dim") or 0  # a DeepSeek config's own head_dim is its RoPE dims
+    return {"layout": "mla", "key_heads_per_layer": None, "value_heads_per_layer": None, "head_dim": nope + rope,
             "kv_cache_bytes_per_token_bf16": 2 * config["num_hidden_layers"] * (rank + rope),
             "options": {"kv_lora_rank": rank, "qk_rope_head_dim": rope,
                         "qk_nope_head_dim": config.get("qk_nope_head_dim"), "v_head_dim": config.get("v_head_dim")}}

@@ -214,6 +214,7 @@ def test_cache_holds_the_latent_and_both_caches_generate_alike(tiny, tmp_path, c
     info = describe(out)  # rehead inspect: what the cache holds, in bf16
     assert info["layout"] == "mla" and info["kv_cache_bytes_per_token_bf16"] == model.config.num_hidden_layers * 16 * 2
     assert "one latent" in format_text(info) and info["key_heads_per_layer"] is None
+    assert info["head_dim"] == model.config.qk_nope_head_dim + 4  # a query·key head: position-free + RoPE dims
     source_bytes = read_json(out / "rehead.json")["source"]["kv_cache_bytes_per_token_bf16"]
     assert f"{info['kv_cache_bytes_per_token_bf16']:,} bytes per token in bf16" in str(card(out))
     assert info["kv_cache_bytes_per_token_bf16"] == source_bytes // 2  # --kv-budget 0.5
