@@ -160,20 +160,16 @@ class MLARewriter(Rewriter):
         and, where DHA's solution fits the format, the share that solution leaves out on the same objective."""
         fusion, moment, inputs, beta = self.statistics(layer)
         targets = mla_fusion.layer_targets(fusion, moment, beta, self.rope_dim)
-        tensors, error = self.layer_tensors(layer, mla_fusion.fit_layer(targets, mla_fusion.latent_basis(
-            targets, self.rank), inputs))
-        plan = {"latent_error": round(error, 6)}
-        if mla_fusion.dha_fits(fusion, self.rope_dim, self.rank):
-            plan["dha_error"] = round(mla_fusion.basis_error(targets, mla_fusion.dha_basis(targets, self.rank)), 6)
-        return Rewritten(tensors, plan)
-
-    def layer_tensors(self, layer: LayerInput, fit: mla_fusion.MLAWeights) -> tuple[dict[str, torch.Tensor], float]:
+        fit = mla_fusion.fit_layer(targets, mla_fusion.latent_basis(targets, self.rank), inputs)
         tensors = {k: v for k, v in layer.tensors.items() if not k.startswith("self_attn.")}
         tensors.update({f"self_attn.{name}.weight": getattr(fit, name).float()
                         for name in ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj")})
         for name in RESIDUAL_WRITERS:
             tensors[name] = tensors[name].float() * self.alpha
-        return tensors, fit.latent_error
+        plan = {"latent_error": round(fit.latent_error, 6)}
+        if mla_fusion.dha_fits(fusion, self.rope_dim, self.rank):
+            plan["dha_error"] = round(mla_fusion.basis_error(targets, mla_fusion.dha_basis(targets, self.rank)), 6)
+        return Rewritten(tensors, plan)
 
     def layer_module(self, index: int, tensors: dict[str, torch.Tensor], plan=None) -> nn.Module:
         """The converted layer in the source's residual scale (α undone, the source's eps in its decoder norms)."""

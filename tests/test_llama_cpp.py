@@ -83,7 +83,8 @@ def test_random_deepseek_v3_with_a_plain_query_runs_in_llama_cpp(tmp_path, tree)
 def test_deci_export_runs_in_llama_cpp_with_its_per_layer_kv_heads(smollm2, tmp_path, tree):
     import gguf
 
-    out = convert(smollm2, tmp_path / "deci", to="dha", kv_budget=0.5, export="deci", calib_tokens=2048)
+    # the format is under test, not the plan's quality: no refinement steps (they change values, not shapes)
+    out = convert(smollm2, tmp_path / "deci", to="dha", kv_budget=0.5, export="deci", calib_tokens=2048, refine_steps=0)
     kv_heads = read_json(out / "rehead.json")["plan"]["key_heads_per_layer"]
     assert set(kv_heads) == {1, 3}  # SmolLM2's 3 KV heads allow 3 or 1 per layer
     path = to_gguf(out, tmp_path / "deci.gguf", "f32", tree)
