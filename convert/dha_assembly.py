@@ -12,6 +12,7 @@ from rehead.layouts.configuration_dha import DHAConfig
 from rehead.layouts.modeling_dha import DHAAttention, DHADecoderLayer
 
 from .dha_fusion import LayerFusion, NormedKeys, augmented, equal_groups
+from .refine import refine_attention
 from .rewriter import LayerInput, build_layer, llama_values
 
 NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
@@ -160,42 +161,13 @@ class Assembly:
 
 def refine(assembly: Assembly, layer: LayerInput, tensors: dict[str, torch.Tensor], grouping: Grouping, steps: int,
            lr: float) -> tuple[dict[str, torch.Tensor], dict]:
-    """Adam steps on the fused attention to match the source layer's attention output, one calibration
-    micro-batch a step; kept only if the error over all calibration text went down. Returns the tensors
-    and the record of the refinement (the error before and after)."""
-    source = layer.source_layer
-    # the module's parameters on clones: Adam's in-place steps must not reach the closed form's tensors,
-    # which are returned unchanged when refining does not lower the error
+    """The fused attention refined to the source layer's attention output (``refine.refine_attention``):
+    the tensors (the closed form's unless refining lowered the error) and the refinement's record."""
+    # the module's parameters on clones: Adam's in-place steps must not reach the closed form's tensors
     attn = assembly.layer_module(layer.index, {k: v.clone() for k, v in tensors.items()}, grouping).self_attn
-    calib = layer.calibration
-    cos, sin = calib.position_embeddings
-    with torch.no_grad():
-        inputs = [source.input_layernorm(h) for h in calib.hidden.split(calib.micro_batch)]
-        targets = [source.self_attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0] for x in inputs]
-    scale = sum(t.pow(2).sum() for t in targets) / sum(t.numel() for t in targets)
-
-    def loss(x, target):
-        return (attn(x, position_embeddings=(cos[: len(x)], sin[: len(x)]))[0] - target).pow(2).mean() / scale
-
-    def total() -> float:
-        with torch.no_grad():
-            return sum(loss(x, t).item() * len(x) for x, t in zip(inputs, targets)) / len(calib.hidden)
-
-    before = total()
-    if before <= 1e-10:  # the closed form is already exact (repeated heads): nothing to refine
-        return tensors, {"layer": layer.index, "error_before": round(before, 6), "error_after": round(before, 6)}
-    params = [p for name, p in attn.named_parameters()
-              if name.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj", "q_pair_scale", "k_norm")]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    for step in range(steps):
-        optimizer.zero_grad()
-        loss(inputs[step % len(inputs)], targets[step % len(inputs)]).backward()
-        optimizer.step()
-    after = total()
-    record = {"layer": layer.index, "error_before": round(before, 6), "error_after": round(after, 6)}
-    if after >= before:
+    record = refine_attention(attn, layer, ("q_proj", "k_proj", "v_proj", "o_proj", "q_pair_scale", "k_norm"), steps, lr)
+    kept = record.pop("kept")
+    if not kept:
         return tensors, record
     refined = {f"self_attn.{name}": p.detach().cpu() for name, p in attn.named_parameters()}
     return {**tensors, **{k: v for k, v in refined.items() if k in tensors}}, record

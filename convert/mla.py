@@ -33,6 +33,7 @@ from rehead.errors import ReheadError
 from . import mla_fusion
 from .dha_fusion import LayerFusion, augmented
 from .options import ConvertOptions
+from .refine import refine_attention
 from .rewriter import LayerInput, Rewriter, Rewritten, build_layer
 
 PROBE_SEQUENCES = 4  # calibration sequences on which each head's attention gives its rotation means β
@@ -46,6 +47,10 @@ class MLAOptions(ConvertOptions):
     kv_rank: int | None = Field(None, ge=1, description="the latent's rank (kv_lora_rank), instead of --kv-budget")
     rope_dim: int | None = Field(None, ge=2, description="dims of the RoPE key all heads share (qk_rope_head_dim), "
                                                          "even, at most head_dim (default head_dim / 2)")
+    refine_steps: int = Field(30, ge=0, description="layer-local refinement steps after the closed form: q_proj, "
+                                                    "kv_b_proj and o_proj fitted to the source layer's attention "
+                                                    "output on the calibration text (0: the closed form alone)")
+    refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -101,9 +106,11 @@ class SourceRope(nn.Module):
         super().__init__()
         self.layer, self.half = layer, rope_dim // 2
 
+    def embeddings(self, position_embeddings):
+        return tuple(torch.cat([t[..., : self.half]] * 2, dim=-1) for t in position_embeddings)
+
     def forward(self, hidden, attention_mask=None, position_embeddings=None):
-        cos, sin = (torch.cat([t[..., : self.half]] * 2, dim=-1) for t in position_embeddings)
-        return self.layer(hidden, attention_mask=attention_mask, position_embeddings=(cos, sin))
+        return self.layer(hidden, attention_mask=attention_mask, position_embeddings=self.embeddings(position_embeddings))
 
 
 class MLARewriter(Rewriter):
@@ -169,7 +176,22 @@ class MLARewriter(Rewriter):
         plan = {"latent_error": round(fit.latent_error, 6)}
         if mla_fusion.dha_fits(fusion, self.rope_dim, self.rank):
             plan["dha_error"] = round(mla_fusion.basis_error(targets, mla_fusion.dha_basis(targets, self.rank)), 6)
+        if self.options.refine_steps:
+            tensors, plan["refinement"] = self.refine(layer, tensors)
         return Rewritten(tensors, plan)
+
+    def refine(self, layer: LayerInput, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """The layer with q_proj, kv_b_proj and o_proj refined (``refine.refine_attention``); the latent's
+        projection and its norm stay as fitted, since the norm is linear only at the fitted scale."""
+        module = self.layer_module(layer.index, {k: v.clone() for k, v in tensors.items()})
+        attn, trainable = module.layer.self_attn, ("q_proj", "kv_b_proj", "o_proj")
+        record = refine_attention(attn, layer, trainable, self.options.refine_steps, self.options.refine_lr,
+                                  module.embeddings)
+        if not record.pop("kept"):
+            return tensors, record
+        refined = {f"self_attn.{name}.weight": getattr(attn, name).weight.detach().cpu() for name in trainable}
+        refined["self_attn.o_proj.weight"] = refined["self_attn.o_proj.weight"] * self.alpha  # the residual scale
+        return {**tensors, **refined}, record
 
     def layer_module(self, index: int, tensors: dict[str, torch.Tensor], plan=None) -> nn.Module:
         """The converted layer in the source's residual scale (α undone, the source's eps in its decoder norms)."""
@@ -216,4 +238,7 @@ class MLARewriter(Rewriter):
             "latent_error_per_layer": [plan["latent_error"] for plan in plans],
             **({"dha_error_per_layer": [plan["dha_error"] for plan in plans]}
                if plans and all("dha_error" in plan for plan in plans) else {}),
+            "refine_steps": self.options.refine_steps,
+            **({"refinement": [plan["refinement"] for plan in plans]}
+               if plans and all("refinement" in plan for plan in plans) else {}),
         }

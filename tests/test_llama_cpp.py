@@ -112,7 +112,7 @@ def test_deci_export_runs_in_llama_cpp_with_its_per_layer_kv_heads(smollm2, tmp_
 
 @pytest.mark.real
 def test_mla_export_runs_in_llama_cpp_with_its_latent_cache(smollm2, tmp_path, tree):
-    out = convert(smollm2, tmp_path / "mla", to="mla", kv_budget=0.5, calib_tokens=2048)
+    out = convert(smollm2, tmp_path / "mla", to="mla", kv_budget=0.5, calib_tokens=2048, refine_steps=0)  # the format
     config = read_json(out / "config.json")
     _, tokenizer, _ = models.load(str(out))
     blocks = text.blocks(tokenizer, "shakespeare-heldout", TOKENS, SEQ_LEN)

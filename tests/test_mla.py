@@ -120,8 +120,8 @@ def test_where_dhas_solution_fits_the_fit_can_start_from_it(tiny, tmp_path, cali
     source = tiny("odd")  # 3 KV heads of 8 dims: 1/3 of them is one key head and one value head per layer
     dha = convert(str(source), tmp_path / "dha", to="dha", k_budget=1 / 3, v_budget=1 / 3, refine_steps=0,
                   calib=str(calib_file), **CALIB)
-    monkeypatch.setattr(mla_fusion, "latent_basis", mla_fusion.dha_basis)  # both candidates: DHA's
-    out = to_mla(source, tmp_path, calib_file, kv_rank=8, rope_dim=8)
+    monkeypatch.setattr(mla_fusion, "latent_basis", mla_fusion.dha_basis)  # the fit takes DHA's basis
+    out = to_mla(source, tmp_path, calib_file, kv_rank=8, rope_dim=8, refine_steps=0)
     assert read_json(dha / "rehead.json")["plan"]["kept"]["kv"] == read_json(out / "rehead.json")["plan"]["kept"]["kv"]
     expected, got = logits(dha, IDS), logits(out, IDS)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
@@ -138,6 +138,24 @@ def test_the_fit_is_never_worse_than_dhas_solution_on_its_objective(tiny, tmp_pa
     # a rope dim below head_dim: DHA's fused key does not fit the format
     plan = read_json(to_mla(source, tmp_path, calib_file, "mla-4", kv_rank=8, rope_dim=4) / "rehead.json")["plan"]
     assert "dha_error_per_layer" not in plan
+
+
+def test_refinement_lowers_the_layer_error_and_leaves_the_latent_as_fitted(tiny, tmp_path, calib_file):
+    source = tiny("gqa")
+    closed = load_file(to_mla(source, tmp_path, calib_file, "closed", kv_budget=0.5, refine_steps=0) / "model.safetensors")
+    out = to_mla(source, tmp_path, calib_file, "refined", kv_budget=0.5, refine_steps=30, refine_lr=1e-3)
+    refined = load_file(out / "model.safetensors")
+    records = read_json(out / "rehead.json")["plan"]["refinement"]
+    assert [r["layer"] for r in records] == [0, 1]
+    assert all(r["error_after"] < r["error_before"] for r in records)
+    for name in (n for n in refined if n.startswith("model.layers.0.")):  # later layers see refined inputs
+        changed = not torch.equal(refined[name], closed[name])
+        assert changed == name.endswith(("q_proj.weight", "kv_b_proj.weight", "o_proj.weight")), name
+    # a refinement that raises the error is dropped: the closed form's tensors are written
+    out = to_mla(source, tmp_path, calib_file, "diverged", kv_budget=0.5, refine_steps=5, refine_lr=10.0)
+    assert not any(r["error_after"] < r["error_before"] for r in read_json(out / "rehead.json")["plan"]["refinement"])
+    diverged = load_file(out / "model.safetensors")
+    assert all(torch.equal(diverged[name], closed[name]) for name in closed)
 
 
 # ---- the fit's pieces ----
@@ -251,7 +269,7 @@ def test_real_model_exports_as_stock_deepseek(smollm2, tmp_path):
     """smollm2-135m at half its KV cache: plain from_pretrained, the reference's logits, the latent cache,
     greedy decoding alike with the dynamic and the static cache, and held-out perplexity near the source's
     (×1.45 on these 2,048 tokens, calibrated on 2,048)."""
-    out = convert("smollm2-135m", tmp_path / "mla", to="mla", kv_budget=0.5, calib_tokens=2048)
+    out = convert("smollm2-135m", tmp_path / "mla", to="mla", kv_budget=0.5, calib_tokens=2048, refine_steps=0)
     config = read_json(out / "config.json")
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (160, 32)
     tokenizer = AutoTokenizer.from_pretrained(smollm2)

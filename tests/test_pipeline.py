@@ -112,6 +112,7 @@ def test_the_presets_are_the_packaged_recipes():
     recipe = pipeline.load(["tune.train.max_steps=40"], {"layouts": "dha"})
     assert recipe.layouts == ["dha"] and recipe.tune["train"]["max_steps"] == 40
     assert recipe.conversion("dha").refine_steps == 0 and recipe.conversion("dha").calib_tokens == 4096
+    assert recipe.conversion("mla").refine_steps == 0
     assert recipe.tune_recipe("m", "attention", "out").trainable == "attention"
 
 

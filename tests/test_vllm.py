@@ -144,7 +144,7 @@ def test_mla_export_at_512_plus_64_runs_in_vllm(vllm_python, smollm2, tmp_path):
 
     # vLLM's CPU MLA takes a 512 + 64 latent only: SmolLM2's MHA form caches 2·9·64 = 1152 values, enough
     out = convert("smollm2-135m-mha", tmp_path / "mla", to="mla", kv_rank=512, rope_dim=64, dtype="bf16",
-                  calib_tokens=2048)
+                  calib_tokens=2048, refine_steps=0)
     blocks = shakespeare_blocks(out)
     stock = check_deepseek_v3_in_vllm(vllm_python, out, tmp_path, blocks)
     native = check_deepseek_v3_in_vllm(vllm_python, out, tmp_path, blocks, "--native-rope")
