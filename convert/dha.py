@@ -48,7 +48,8 @@ class DHAOptions(ConvertOptions):
                                  "attention output) or logits (its effect on the model's output: the error weighted by "
                                  "the Fisher information of the next-token distribution, ~ the KL to the source's)")
     refine_steps: int = Field(30, ge=0, description="layer-local refinement steps after the closed form, on the "
-                                                    "layers that fuse heads (0: the closed form alone)")
+                                                    "layers that fuse heads (MLA: on every layer; 0: the closed "
+                                                    "form alone)")
     refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
     export: Literal["deci"] | None = Field(None, description="deci: a DeciLM (nemotron-nas) checkpoint with a KV head "
                                                              "count per layer, which vLLM and llama.cpp serve")
