@@ -1,6 +1,8 @@
 """``--to mla``: multi-head latent attention (DeepSeek-V2), written as a stock ``DeepseekV3ForCausalLM``.
 
-Each layer is fitted in closed form (``mla_fusion``); the output is DeepSeek-V3 with a dense MLP in
+Each layer is fitted in closed form (``mla_fusion``), then refined for ``--refine-steps`` Adam steps on
+the calibration text (``refine``: q_proj, kv_b_proj and o_proj; the latent's projection and norm stay as
+fitted, the norm being linear only at the fitted scale); the output is DeepSeek-V3 with a dense MLP in
 every layer (``first_k_dense_replace`` = layers), ``q_lora_rank: null``, one ``kv_lora_rank`` for all
 layers, the RoPE rows in DeepSeek's interleaved order (``rope_interleave: true``, what vLLM and
 llama.cpp always use) and an explicit ``lm_head.weight`` (vLLM's DeepSeek ignores
