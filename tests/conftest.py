@@ -1,6 +1,7 @@
 """Tiny random checkpoints of every source shape, a byte-level tokenizer for them, and the real model."""
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -159,6 +160,13 @@ LOAD_AND_GENERATE = textwrap.dedent(
                       "new_tokens": generated.shape[1] - ids.shape[1], "static_equal": torch.equal(static, generated)}))
     """
 )
+
+
+def interruptible() -> None:
+    """``Popen(preexec_fn=interruptible)``: the child takes SIGINT as Ctrl-C even when this test run ignores it
+    (a run started in the background by a shell without job control inherits SIGINT ignored, and Python
+    then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def load_without_rehead(folder: Path, ids: list[list[int]], tmp_path: Path) -> dict:

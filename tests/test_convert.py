@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import VARIANTS, logits, read_json, save_pickled
+from conftest import VARIANTS, interruptible, logits, read_json, save_pickled
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -287,7 +287,7 @@ def test_a_killed_conversion_leaves_nothing(tiny, tmp_path, how):
 
     src, out = tiny("gqa", layers=4), tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, "convert", str(src), str(out), "--to", "mha"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(getattr(signal, how))
     _, err = proc.communicate(timeout=60)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_json
+from conftest import interruptible, read_json
 from safetensors.torch import load_file, save_file
 
 from rehead.app.cli import main
@@ -619,7 +619,7 @@ def test_ctrl_c_in_tune_keeps_the_last_checkpoint_and_the_same_command_resumes(t
     recipe = tmp_path / "r.yaml"
     recipe.write_text(_recipe(tmp_path, tiny("gqa"), calib_file, **{"train.max_steps": 4}).dump())
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_TUNE, "tune", str(recipe)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     assert [proc.stdout.readline().strip() for _ in range(3)] == ["saved 1", "saved 2", "saving 3"]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / ".step-00000003.partial").is_dir()
