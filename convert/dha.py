@@ -28,11 +28,11 @@ from .dha_assembly import Assembly, Grouping, refine
 from .dha_fusion import agglomerate
 from .dha_planning import PROBE_SEQUENCES, LayerCurves, allocate, decoupled_curves
 from .dha_plot import draw_plan
-from .options import ConvertOptions
+from .refine import RefineOptions
 from .rewriter import LayerInput, Rewriter, Rewritten
 
 
-class DHAOptions(ConvertOptions):
+class DHAOptions(RefineOptions):
     to: Literal["dha"] = "dha"
     kv_budget: float | None = Field(None, description="fraction of the source's key and value heads kept over all "
                                                       "layers, spent where fusing costs least (e.g. 0.25)")
@@ -47,10 +47,6 @@ class DHAOptions(ConvertOptions):
         "logits", description="how the planner prices fusing a layer's heads: attention (the error at the layer's "
                                  "attention output) or logits (its effect on the model's output: the error weighted by "
                                  "the Fisher information of the next-token distribution, ~ the KL to the source's)")
-    refine_steps: int = Field(30, ge=0, description="layer-local refinement steps after the closed form, on the "
-                                                    "layers that fuse heads (MLA: on every layer; 0: the closed "
-                                                    "form alone)")
-    refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
     export: Literal["deci"] | None = Field(None, description="deci: a DeciLM (nemotron-nas) checkpoint with a KV head "
                                                              "count per layer, which vLLM and llama.cpp serve")
 

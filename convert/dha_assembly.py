@@ -165,8 +165,8 @@ def refine(assembly: Assembly, layer: LayerInput, tensors: dict[str, torch.Tenso
     the tensors (the closed form's unless refining lowered the error) and the refinement's record."""
     # the module's parameters on clones: Adam's in-place steps must not reach the closed form's tensors
     attn = assembly.layer_module(layer.index, {k: v.clone() for k, v in tensors.items()}, grouping).self_attn
-    record = refine_attention(attn, layer, ("q_proj", "k_proj", "v_proj", "o_proj", "q_pair_scale", "k_norm"), steps, lr)
-    kept = record.pop("kept")
+    kept, record = refine_attention(attn, layer, ("q_proj", "k_proj", "v_proj", "o_proj", "q_pair_scale", "k_norm"),
+                                    steps, lr)
     if not kept:
         return tensors, record
     refined = {f"self_attn.{name}": p.detach().cpu() for name, p in attn.named_parameters()}

@@ -34,25 +34,20 @@ from rehead.errors import ReheadError
 
 from . import mla_fusion
 from .dha_fusion import LayerFusion, augmented
-from .options import ConvertOptions
-from .refine import refine_attention
+from .refine import RefineOptions, refine_attention
 from .rewriter import LayerInput, Rewriter, Rewritten, build_layer
 
 PROBE_SEQUENCES = 4  # calibration sequences on which each head's attention gives its rotation means β
 RESIDUAL_WRITERS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # scaled by α with the embeddings
 
 
-class MLAOptions(ConvertOptions):
+class MLAOptions(RefineOptions):
     to: Literal["mla"] = "mla"
     kv_budget: float | None = Field(None, description="fraction of the source's KV cache kept: (kv_lora_rank + "
                                                       "rope dim) over 2·kv_heads·head_dim values per token and layer")
     kv_rank: int | None = Field(None, ge=1, description="the latent's rank (kv_lora_rank), instead of --kv-budget")
     rope_dim: int | None = Field(None, ge=2, description="dims of the RoPE key all heads share (qk_rope_head_dim), "
                                                          "even, at most head_dim (default head_dim / 2)")
-    refine_steps: int = Field(30, ge=0, description="layer-local refinement steps after the closed form: q_proj, "
-                                                    "kv_b_proj and o_proj fitted to the source layer's attention "
-                                                    "output on the calibration text (0: the closed form alone)")
-    refine_lr: float = Field(1e-4, gt=0, description="learning rate of the refinement")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -187,9 +182,9 @@ class MLARewriter(Rewriter):
         projection and its norm stay as fitted, since the norm is linear only at the fitted scale."""
         module = self.layer_module(layer.index, {k: v.clone() for k, v in tensors.items()})
         attn, trainable = module.layer.self_attn, ("q_proj", "kv_b_proj", "o_proj")
-        record = refine_attention(attn, layer, trainable, self.options.refine_steps, self.options.refine_lr,
-                                  module.embeddings)
-        if not record.pop("kept"):
+        kept, record = refine_attention(attn, layer, trainable, self.options.refine_steps, self.options.refine_lr,
+                                        module.embeddings)
+        if not kept:
             return tensors, record
         refined = {f"self_attn.{name}.weight": getattr(attn, name).weight.detach().cpu() for name in trainable}
         refined["self_attn.o_proj.weight"] = refined["self_attn.o_proj.weight"] * self.alpha  # the residual scale

@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if any("=" not in e for e in args.export):
+        parser.error(f"--export {' '.join(args.export)}: give each export as NAME=FOLDER (e.g. mla=runs/mla-half)")
     exports = {**({"deci": args.deci} if args.deci else {}), **dict(e.split("=", 1) for e in args.export)}
     if not exports or any(not name or name == "source" for name in exports):
         parser.error("give the exports to run: --deci FOLDER and/or --export NAME=FOLDER (a name other than 'source')")

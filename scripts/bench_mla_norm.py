@@ -16,8 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rehead import metrics, text
-
-NORM_EPS = 1e-6  # transformers' fixed eps of kv_a_layernorm, which the export also writes as rms_norm_eps
+from rehead.convert.mla_fusion import NORM_EPS  # kv_a_layernorm's eps, fixed by transformers, written by the export
 
 
 def latent_scale(attn) -> torch.Tensor:
